@@ -1,0 +1,187 @@
+"""Load a Hugging Face checkpoint directory (config.json + safetensors + tokenizer) into `Transformer`.
+
+The HF-name → our-name mapping is one table (`weight_map`), checked both ways: every tensor the
+model needs must be in the checkpoint and every tensor in the checkpoint must be used, with the
+right shape; each violation raises `CheckpointError` naming the tensor and the file. The model is
+built abstractly (`nnx.eval_shape`), so loading never allocates random weights first. Nothing is
+ever downloaded: the path must be a local directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from models.config import ModelConfig
+from models.transformer import Transformer
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Buffers some exporters write that carry no learned weights.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, incomplete or inconsistent with its config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSpec:
+    """One checkpoint tensor: where it goes in our model and how its layout changes on the way."""
+
+    hf_name: str
+    path: tuple[str | int, ...]  # path in the model's nnx.State
+    transpose: bool  # HF Linear weights are [out, in]; our kernels are [in, out]
+
+
+def weight_map(config: ModelConfig) -> list[WeightSpec]:
+    """The complete table of checkpoint tensors for `config`."""
+    specs = [WeightSpec("model.embed_tokens.weight", ("embed",), False),
+             WeightSpec("model.norm.weight", ("final_norm", "scale"), False)]
+    if not config.tie_word_embeddings:
+        specs.append(WeightSpec("lm_head.weight", ("lm_head",), False))
+    linears = [("self_attn.q_proj", ("attn", "q_proj"), config.qkv_bias),
+               ("self_attn.k_proj", ("attn", "k_proj"), config.qkv_bias),
+               ("self_attn.v_proj", ("attn", "v_proj"), config.qkv_bias),
+               ("self_attn.o_proj", ("attn", "o_proj"), config.o_bias),
+               ("mlp.gate_proj", ("mlp", "gate_proj"), config.mlp_bias),
+               ("mlp.up_proj", ("mlp", "up_proj"), config.mlp_bias),
+               ("mlp.down_proj", ("mlp", "down_proj"), config.mlp_bias)]
+    for i in range(config.num_layers):
+        prefix, ours = f"model.layers.{i}", ("layers", i)
+        specs.append(WeightSpec(f"{prefix}.input_layernorm.weight", (*ours, "input_norm", "scale"), False))
+        specs.append(WeightSpec(f"{prefix}.post_attention_layernorm.weight",
+                                (*ours, "post_attn_norm", "scale"), False))
+        for hf, path, bias in linears:
+            specs.append(WeightSpec(f"{prefix}.{hf}.weight", (*ours, *path, "kernel"), True))
+            if bias:
+                specs.append(WeightSpec(f"{prefix}.{hf}.bias", (*ours, *path, "bias"), False))
+        if config.qk_norm:
+            specs.append(WeightSpec(f"{prefix}.self_attn.q_norm.weight", (*ours, "attn", "q_norm", "scale"), False))
+            specs.append(WeightSpec(f"{prefix}.self_attn.k_norm.weight", (*ours, "attn", "k_norm", "scale"), False))
+    return specs
+
+
+def read_config(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, Any]]:
+    """`ModelConfig` and the raw dict from `<path>/config.json`."""
+    directory = _checkpoint_dir(path)
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{directory}: no config.json (is this a Hugging Face checkpoint directory?)")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file}: invalid JSON ({e})") from e
+    return ModelConfig.from_hf(raw), raw
+
+
+def safetensors_files(path: str | os.PathLike[str]) -> dict[str, Path]:
+    """Map every tensor name in the checkpoint to the safetensors file that holds it."""
+    directory = _checkpoint_dir(path)
+    index_file = directory / INDEX_FILE
+    if index_file.is_file():
+        try:
+            index = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index_file}: not a valid safetensors index ({e})") from e
+        files = {name: directory / fname for name, fname in index.items()}
+        for name, file in files.items():
+            if not file.is_file():
+                raise CheckpointError(f"{index_file}: tensor {name!r} is mapped to missing file {file.name}")
+        return files
+    single = directory / SINGLE_FILE
+    if single.is_file():
+        with safe_open(single, framework="numpy") as f:
+            return dict.fromkeys(f.keys(), single)
+    raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} found")
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    dtype: jnp.dtype | str = jnp.float32,
+    shard: Callable[[tuple[str | int, ...], np.ndarray], jax.Array] | None = None,
+) -> Transformer:
+    """Build a `Transformer` holding the checkpoint's weights, cast to `dtype`.
+
+    `shard(path, array)` may place each parameter (e.g. `jax.device_put` with a sharding);
+    by default arrays go to the default device.
+    """
+    config, _ = read_config(path)
+    dtype = jnp.dtype(dtype)
+    abstract = nnx.eval_shape(lambda: Transformer(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    expected = {spec.path: spec for spec in weight_map(config)}
+    flat = dict(nnx.to_flat_state(state))
+    ours_missing = set(flat) - set(expected)
+    if ours_missing:  # the table and the module disagree: a bug here, not in the checkpoint
+        raise AssertionError(f"weight_map does not cover model parameters {sorted(map(str, ours_missing))}")
+
+    files = safetensors_files(path)
+    by_hf = {spec.hf_name: spec for spec in expected.values()}
+    unexpected = [n for n in files if n not in by_hf and not n.endswith(_IGNORED_SUFFIXES)
+                  and not (config.tie_word_embeddings and n == "lm_head.weight")]
+    if unexpected:
+        name = sorted(unexpected)[0]
+        raise CheckpointError(
+            f"{files[name]}: unexpected tensor {name!r} for a {config.model_type} config"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+        )
+    missing = [n for n in by_hf if n not in files]
+    if missing:
+        where = sorted({str(f) for f in files.values()})
+        raise CheckpointError(
+            f"missing tensor {missing[0]!r} in {', '.join(where)}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+
+    place = shard or (lambda _path, array: jnp.asarray(array))
+    handles: dict[Path, Any] = {}
+    try:
+        for hf_name, spec in by_hf.items():
+            file = files[hf_name]
+            if file not in handles:
+                handles[file] = safe_open(file, framework="numpy")
+            array = handles[file].get_tensor(hf_name)
+            if spec.transpose:
+                array = array.T
+            variable = flat[spec.path]
+            want = tuple(variable.shape)
+            if tuple(array.shape) != want:
+                got = array.shape[::-1] if spec.transpose else array.shape
+                expect = want[::-1] if spec.transpose else want
+                raise CheckpointError(
+                    f"{file}: tensor {hf_name!r} has shape {tuple(got)}, config.json implies {tuple(expect)}"
+                )
+            variable.set_value(place(spec.path, np.ascontiguousarray(array).astype(dtype)))
+    finally:
+        handles.clear()
+    return nnx.merge(graphdef, state)
+
+
+def load_tokenizer(path: str | os.PathLike[str]):  # -> transformers.PreTrainedTokenizerBase
+    """The checkpoint's tokenizer (and chat template) through `transformers.AutoTokenizer`, offline."""
+    from transformers import AutoTokenizer
+
+    directory = _checkpoint_dir(path)
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{directory}: cannot load a tokenizer ({e})") from e
+
+
+def _checkpoint_dir(path: str | os.PathLike[str]) -> Path:
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
+    return directory

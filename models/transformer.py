@@ -1,0 +1,239 @@
+"""The decoder-only transformer (Llama 3 / Qwen2 / Qwen3 family) as a Flax NNX module.
+
+How it departs from the textbook model, and why:
+- Every projection is a `Linear` with a `[d_in, d_out]` kernel, and every call site passes its
+  output through an optional `LinearHook(layer, target, x, y) -> y'`. That hook is the only way
+  adapters (LoRA, in `lora/`) reach the model, so this module knows nothing of adapter banks.
+  Target names: q, k, v, o, gate, up, down (layer index 0..L-1) and unembed (layer -1).
+- Batches are right-padded. Under a causal mask a valid position never sees a pad to its right,
+  so the full forward needs no padding mask: outputs at pad positions are finite garbage that
+  callers drop. Positions default to 0..T-1 per row.
+- Norms, rope, softmax and logits run in fp32 whatever the parameter dtype; the residual stream
+  stays in the parameter dtype (as transformers does), so bf16 models stay bf16 between layers.
+- The same attention code serves the full forward and cached decoding (`kv_cache.py`): it takes
+  keys/values and a boolean mask, and the caller decides where they come from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.config import ModelConfig, rope_inverse_frequencies
+
+LinearHook = Callable[[int, str, jax.Array, jax.Array], jax.Array]
+"""`hook(layer, target, x, y)` returns the projection output to use instead of `y = Linear(x)`.
+
+`layer` is the decoder layer index (-1 for the unembedding), `target` one of `TARGETS`,
+`x` the projection input `[..., d_in]` and `y` the frozen projection's output `[..., d_out]`.
+"""
+
+TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down", "unembed")
+UNEMBED_LAYER = -1
+
+
+class Linear(nnx.Module):
+    """`y = x @ kernel (+ bias)` with a `[d_in, d_out]` kernel."""
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(stddev=0.02)
+        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), dtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,io->...o", x, self.kernel[...])
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in fp32, cast back to the input dtype before the scale (as transformers)."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: jnp.dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * normed.astype(x.dtype)
+
+
+def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin `[B, T, H/2]` (fp32) for integer `positions [B, T]`."""
+    inv_freq = jnp.asarray(np.asarray(rope_inverse_frequencies(config), np.float32))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate `x [B, T, heads, H]` by the half-split convention of transformers (`rotate_half`)."""
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention.
+
+    q `[B, T, N, H]`, k/v `[B, S, K, H]`, mask `[B, T, S]` (True = may attend) -> `[B, T, N, H]`.
+    Scores and softmax in fp32.
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (h**-0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def causal_mask(t: int) -> jax.Array:
+    """`[1, T, T]` lower-triangular mask."""
+    return jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+
+
+def _hooked(hook: LinearHook | None, layer: int, target: str, linear: Linear, x: jax.Array) -> jax.Array:
+    y = linear(x)
+    return y if hook is None else hook(layer, target, x, y)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, layer: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        d = config.hidden_size
+        self.config = config
+        self.layer = layer
+        self.q_proj = Linear(d, config.q_size, bias=config.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, config.kv_size, bias=config.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, config.kv_size, bias=config.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(config.q_size, d, bias=config.o_bias, dtype=dtype, rngs=rngs)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def project_qkv(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, hook: LinearHook | None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q `[B, T, N, H]`, k/v `[B, T, K, H]` for `x [B, T, D]`, rope applied to q and k."""
+        c = self.config
+        b, t, _ = x.shape
+        q = _hooked(hook, self.layer, "q", self.q_proj, x).reshape(b, t, c.num_heads, c.head_dim)
+        k = _hooked(hook, self.layer, "k", self.k_proj, x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = _hooked(hook, self.layer, "v", self.v_proj, x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def output(self, attn: jax.Array, hook: LinearHook | None) -> jax.Array:
+        b, t = attn.shape[:2]
+        return _hooked(hook, self.layer, "o", self.o_proj, attn.reshape(b, t, self.config.q_size))
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, layer: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.layer = layer
+        self.gate_proj = Linear(d, f, bias=bias, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(d, f, bias=bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(f, d, bias=bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, hook: LinearHook | None) -> jax.Array:
+        gate = _hooked(hook, self.layer, "gate", self.gate_proj, x)
+        up = _hooked(hook, self.layer, "up", self.up_proj, x)
+        return _hooked(hook, self.layer, "down", self.down_proj, jax.nn.silu(gate) * up)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, layer: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        eps = config.rms_norm_eps
+        self.input_norm = RMSNorm(config.hidden_size, eps=eps, dtype=dtype)
+        self.attn = Attention(config, layer, dtype=dtype, rngs=rngs)
+        self.post_attn_norm = RMSNorm(config.hidden_size, eps=eps, dtype=dtype)
+        self.mlp = MLP(config, layer, dtype=dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        attend: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+        hook: LinearHook | None,
+    ) -> jax.Array:
+        """One pre-norm block. `attend(q, k, v)` does the attention (and any cache bookkeeping)."""
+        q, k, v = self.attn.project_qkv(self.input_norm(x), cos, sin, hook)
+        x = x + self.attn.output(attend(q, k, v), hook)
+        return x + self.mlp(self.post_attn_norm(x), hook)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. `model(tokens)` gives fp32 logits `[B, T, V]`."""
+
+    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        init = jax.nn.initializers.normal(stddev=0.02)
+        self.embed = nnx.Param(init(rngs.params(), (config.vocab_size, config.hidden_size), dtype))
+        self.layers = nnx.List(
+            [DecoderLayer(config, i, dtype=dtype, rngs=rngs) for i in range(config.num_layers)]
+        )
+        self.final_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:  # stored [V, D] like the embedding, so tied and untied share one code path
+            self.lm_head = nnx.Param(init(rngs.params(), (config.vocab_size, config.hidden_size), dtype))
+
+    def unembedding(self) -> jax.Array:
+        """`[V, D]` output embedding (the input embedding when tied)."""
+        return (self.embed if self.lm_head is None else self.lm_head)[...]
+
+    def hidden_states(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        *,
+        hook: LinearHook | None = None,
+        attend_fns: list[Callable[[jax.Array, jax.Array, jax.Array], jax.Array]] | None = None,
+    ) -> jax.Array:
+        """Final-normed hidden states `[B, T, D]` for `tokens [B, T]`.
+
+        `attend_fns[i]` replaces plain causal self-attention in layer i (the KV cache uses this).
+        """
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rope_tables(self.config, positions)
+        x = jnp.take(self.embed[...], tokens, axis=0)
+        mask = causal_mask(t)
+        for i, layer in enumerate(self.layers):
+            attend = attend_fns[i] if attend_fns is not None else (lambda q, k, v: attention(q, k, v, mask))
+            x = layer(x, cos, sin, attend, hook)
+        return self.final_norm(x)
+
+    def logits(self, hidden: jax.Array, *, hook: LinearHook | None = None) -> jax.Array:
+        """fp32 logits `[..., V]` from hidden states `[..., D]`."""
+        y = jnp.einsum("...d,vd->...v", hidden, self.unembedding(), preferred_element_type=jnp.float32)
+        if hook is not None:
+            y = hook(UNEMBED_LAYER, "unembed", hidden, y).astype(jnp.float32)
+        return y
+
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array | None = None, *, hook: LinearHook | None = None
+    ) -> jax.Array:
+        return self.logits(self.hidden_states(tokens, positions, hook=hook), hook=hook)
+
+
+def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(targets) `[B, T]` from logits `[B, T, V]` (fp32)."""
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return picked - logz
