@@ -67,8 +67,8 @@ def weight_map(config: ModelConfig) -> list[WeightSpec]:
             if bias:
                 specs.append(WeightSpec(f"{prefix}.{hf}.bias", (*ours, *path, "bias"), False))
         if config.qk_norm:
-            specs.append(WeightSpec(f"{prefix}.self_attn.q_norm.weight", (*ours, "attn", "q_norm", "scale"), False))
-            specs.append(WeightSpec(f"{prefix}.self_attn.k_norm.weight", (*ours, "attn", "k_norm", "scale"), False))
+            for norm in ("q_norm", "k_norm"):
+                specs.append(WeightSpec(f"{prefix}.self_attn.{norm}.weight", (*ours, "attn", norm, "scale"), False))
     return specs
 
 
