@@ -1,0 +1,4 @@
+"""Hydra entry point (`python -m launcher +experiment=...`), recipes and environments.
+
+(Landing with issue #4.)
+"""
