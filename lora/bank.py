@@ -1,0 +1,139 @@
+"""The adapter bank: every tenant's LoRA weights in one pytree with a leading slot axis.
+
+For target linear `y = x W` and slot s: `y' = y + scale[s] · (x A[s]) B[s]`, where per target
+`A [L, S, d_in, R]`, `B [L, S, R, d_out]` (L = decoder layers; 1 for the unembedding), R the bank's
+maximum rank, `scale[s] = alpha / rank` of the adapter in slot s (0 for an empty slot).
+
+- An adapter of rank r < R occupies columns `:r` of A and rows `:r` of B; the rest is zero and stays
+  zero under training (its gradient is exactly zero because B starts at zero, and AdamW keeps zeros).
+- Targets an adapter does not train (e.g. `train_mlp=False`) are all-zero in its slot for the same
+  reason, so one compiled program serves adapters with different target sets.
+- Rows of a batch carry their slot id; `make_hook` gathers each row's `A`/`B` (per row, never per
+  token) and applies the low-rank update through the models' `LinearHook`.
+- Everything here is a pure function over pytrees; slots are data, so writing or clearing one never
+  changes a traced shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+
+from models import ModelConfig
+from models.transformer import UNEMBED_LAYER, LinearHook
+
+ATTN_TARGETS: tuple[str, ...] = ("q", "k", "v", "o")
+MLP_TARGETS: tuple[str, ...] = ("gate", "up", "down")
+UNEMBED_TARGET = "unembed"
+ALL_TARGETS: tuple[str, ...] = (*ATTN_TARGETS, *MLP_TARGETS, UNEMBED_TARGET)
+DEFAULT_ALPHA = 32.0
+"""LoRA alpha used when none is given: scale = 32 / rank (1.0 at rank 32, as tinker's recommended rank)."""
+
+LoraWeights = dict[str, dict[str, jax.Array]]
+"""`{target: {"a": [L, S, d_in, R], "b": [L, S, R, d_out]}}` (bank) or without the S axis (one adapter)."""
+
+
+def select_targets(*, train_attn: bool = True, train_mlp: bool = True, train_unembed: bool = True) -> tuple[str, ...]:
+    """Target names for tinker's `LoraConfig` flags."""
+    targets = (ATTN_TARGETS if train_attn else ()) + (MLP_TARGETS if train_mlp else ())
+    targets += (UNEMBED_TARGET,) if train_unembed else ()
+    if not targets:
+        raise ValueError("LoRA config trains nothing: set at least one of train_attn, train_mlp, train_unembed")
+    return targets
+
+
+def target_shape(config: ModelConfig, target: str) -> tuple[int, int, int]:
+    """(layers, d_in, d_out) of a target linear."""
+    d, f = config.hidden_size, config.intermediate_size
+    dims = {"q": (d, config.q_size), "k": (d, config.kv_size), "v": (d, config.kv_size), "o": (config.q_size, d),
+            "gate": (d, f), "up": (d, f), "down": (f, d), "unembed": (d, config.vocab_size)}
+    if target not in dims:
+        raise ValueError(f"unknown LoRA target {target!r}; targets: {', '.join(ALL_TARGETS)}")
+    layers = 1 if target == UNEMBED_TARGET else config.num_layers
+    return (layers, *dims[target])
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraBank:
+    weights: LoraWeights
+    scales: jax.Array  # [S] fp32, alpha / rank per slot, 0 where the slot is empty
+
+    @property
+    def num_slots(self) -> int:
+        return self.scales.shape[0]
+
+    @property
+    def max_rank(self) -> int:
+        return next(iter(self.weights.values()))["a"].shape[-1]
+
+
+def empty_bank(
+    config: ModelConfig, num_slots: int, max_rank: int, *, targets: Iterable[str] = ALL_TARGETS,
+    dtype: jnp.dtype = jnp.float32,
+) -> LoraBank:
+    weights = {}
+    for t in targets:
+        layers, d_in, d_out = target_shape(config, t)
+        weights[t] = {"a": jnp.zeros((layers, num_slots, d_in, max_rank), dtype),
+                      "b": jnp.zeros((layers, num_slots, max_rank, d_out), dtype)}
+    return LoraBank(weights, jnp.zeros((num_slots,), jnp.float32))
+
+
+def init_adapter(
+    config: ModelConfig, *, rank: int, seed: int, targets: Iterable[str], bank_targets: Iterable[str],
+    max_rank: int, dtype: jnp.dtype = jnp.float32,
+) -> LoraWeights:
+    """A fresh adapter laid out for one bank slot: A ~ U(±1/sqrt(d_in)) (as PEFT), B = 0.
+
+    Columns past `rank` and targets not in `targets` are zero. Each (target, layer) draws from its
+    own key folded from `seed`, so the same seed gives the same adapter whatever the bank's size.
+    """
+    if not 0 < rank <= max_rank:
+        raise ValueError(f"rank must be in [1, {max_rank}], got {rank}")
+    targets = set(targets)
+    root = jax.random.key(seed)
+    out: LoraWeights = {}
+    for ti, t in enumerate(bank_targets):
+        layers, d_in, d_out = target_shape(config, t)
+        a = jnp.zeros((layers, d_in, max_rank), dtype)
+        if t in targets:
+            bound = 1.0 / d_in**0.5
+            keys = jax.random.split(jax.random.fold_in(root, ti), layers)
+            draws = jax.vmap(lambda k, d_in=d_in, bound=bound: jax.random.uniform(
+                k, (d_in, rank), jnp.float32, -bound, bound))(keys)
+            a = a.at[:, :, :rank].set(draws.astype(dtype))
+        out[t] = {"a": a, "b": jnp.zeros((layers, max_rank, d_out), dtype)}
+    return out
+
+
+def write_slot(bank: LoraBank, slot: jax.Array | int, adapter: LoraWeights, scale: jax.Array | float) -> LoraBank:
+    """Bank with `adapter` in `slot` (other slots untouched)."""
+    weights = {t: {k: w.at[:, slot].set(adapter[t][k].astype(w.dtype)) for k, w in ab.items()}
+               for t, ab in bank.weights.items()}
+    return LoraBank(weights, bank.scales.at[slot].set(scale))
+
+
+def read_slot(bank: LoraBank, slot: jax.Array | int) -> LoraWeights:
+    """The adapter in `slot` (`{target: {"a": [L, d_in, R], "b": [L, R, d_out]}}`)."""
+    return {t: {k: w[:, slot] for k, w in ab.items()} for t, ab in bank.weights.items()}
+
+
+def make_hook(bank: LoraBank, slot_ids: jax.Array) -> LinearHook:
+    """A `LinearHook` adding each row's adapter: `slot_ids [B]` picks the slot of every batch row."""
+    scales = bank.scales[slot_ids]
+
+    def hook(layer: int, target: str, x: jax.Array, y: jax.Array) -> jax.Array:
+        ab = bank.weights.get(target)
+        if ab is None:
+            return y
+        li = 0 if layer == UNEMBED_LAYER else layer
+        a, b = ab["a"][li][slot_ids], ab["b"][li][slot_ids]  # [B, d_in, R], [B, R, d_out]
+        h = jnp.einsum("b...i,bir->b...r", x.astype(a.dtype), a)
+        h = h * scales.reshape((-1,) + (1,) * (h.ndim - 1)).astype(h.dtype)
+        return y + jnp.einsum("b...r,bro->b...o", h, b).astype(y.dtype)
+
+    return hook
