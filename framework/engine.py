@@ -1,0 +1,362 @@
+"""The engine: one base model, many LoRA adapters, and the compiled steps they all share.
+
+State it holds (all device arrays, never part of a traced shape):
+- the frozen base parameters, once;
+- the training bank (`LoraBank`, slot 0 reserved as "no adapter") and a gradient buffer of the same
+  shape, where `forward_backward` accumulates until `optim_step`;
+- per adapter: its slot, rank/alpha/targets, AdamW state and step count (= weights version);
+- published sampler snapshots (immutable copies of one adapter) and a sampler bank that caches them
+  in slots, so sampling never reads a slot that training is changing.
+
+Compiled functions, one per (op, shape bucket): `_fwd` (logprobs + loss, no grad), `_fwd_bwd`
+(logprobs, loss, gradients of the used slots only, added into the gradient buffer), `_optim`
+(AdamW on one slot) and `_sample`. Rows are padded to a power of two, lengths to a power of two
+≥ `min_seq_bucket`, and the number of distinct adapters in a batch to a power of two, so the
+number of compilations stays small and adding or removing an adapter never compiles.
+
+Calls are synchronous and not thread-safe: `framework.scheduler` serialises them on one worker.
+Inputs arrive validated (`framework.requests`); the engine re-checks only what would corrupt state.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from framework.losses import LOSSES
+from framework.optim import AdamHyperparams, adamw_step, init_opt_state
+from lora import ALL_TARGETS, DEFAULT_ALPHA, LoraBank, LoraWeights, empty_bank, init_adapter, make_hook
+from models import Transformer, load_checkpoint, token_logprobs
+
+NULL_SLOT = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_adapters: int = 8  # concurrent training adapters (slots 1..max_adapters)
+    max_rank: int = 32
+    sampler_slots: int = 8  # published snapshots kept in the sampler bank at once
+    targets: tuple[str, ...] = ALL_TARGETS  # LoRA targets the banks hold
+    dtype: str = "float32"  # base and adapter parameter dtype
+    min_seq_bucket: int = 32
+    max_seq_len: int = 0  # 0 = the model's max_position_embeddings
+
+
+@dataclasses.dataclass
+class Adapter:
+    adapter_id: str
+    slot: int
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    seed: int
+    opt_state: Any
+    step: int = 0  # optimizer steps applied: the weights version
+    accumulated: int = 0  # forward_backward calls since the last optim_step
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """Immutable published weights of one adapter version, for sampling."""
+
+    snapshot_id: str
+    adapter_id: str | None  # None: the base model
+    version: int
+    weights: LoraWeights | None
+    scale: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DatumArrays:
+    """One validated datum: input tokens `[n]` and per-token loss inputs `[n]` (host numpy)."""
+
+    tokens: np.ndarray
+    inputs: dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardResult:
+    logprobs: list[np.ndarray]  # per datum, [n]
+    loss: float  # sum over the request's datums
+    metrics: dict[str, float]
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two ≥ max(n, minimum)."""
+    return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+class Engine:
+    """All adapters of one base model, and the compiled steps that serve them together."""
+
+    def __init__(self, base_model: str, config: EngineConfig | None = None, *, model: Transformer | None = None):
+        self.config = config or EngineConfig()
+        self.base_model = base_model
+        self.model = model if model is not None else load_checkpoint(base_model, dtype=self.config.dtype)
+        self.model_config = self.model.config
+        self.max_seq_len = self.config.max_seq_len or self.model_config.max_position_embeddings
+        self._graphdef, self._base = nnx.split(self.model)
+        dtype = jnp.dtype(self.config.dtype)
+        self._bank = empty_bank(self.model_config, self.config.max_adapters + 1, self.config.max_rank,
+                                targets=self.config.targets, dtype=dtype)
+        self._grads = jax.tree.map(jnp.zeros_like, self._bank.weights)
+        self._sampler_bank = empty_bank(self.model_config, self.config.sampler_slots + 1, self.config.max_rank,
+                                        targets=self.config.targets, dtype=dtype)
+        self._sampler_cache: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.adapters: dict[str, Adapter] = {}
+        self.snapshots: dict[str, Snapshot] = {"base": Snapshot("base", None, 0, None, 0.0)}
+        self._ids = itertools.count()
+        self.compile_counts: collections.Counter[str] = collections.Counter()
+        self._fwd = jax.jit(self._fwd_impl, static_argnames=("loss_name",))
+        self._fwd_bwd = jax.jit(self._fwd_bwd_impl, static_argnames=("loss_name",), donate_argnames=("grads",))
+        self._optim = jax.jit(self._optim_impl, donate_argnames=("weights", "grads", "opt_state"))
+
+    # ----------------------------------------------------------------------------------- adapters
+    def create_adapter(self, *, rank: int, seed: int = 0, targets: Sequence[str] = ALL_TARGETS,
+                       alpha: float = DEFAULT_ALPHA, adapter_id: str | None = None) -> Adapter:
+        if not 0 < rank <= self.config.max_rank:
+            raise ValueError(f"rank must be in [1, {self.config.max_rank}] (the engine's max_rank), got {rank}")
+        unknown = [t for t in targets if t not in self.config.targets]
+        if unknown:
+            raise ValueError(f"LoRA targets {unknown} are not held by this engine (targets={self.config.targets})")
+        used = {a.slot for a in self.adapters.values()}
+        free = [s for s in range(1, self.config.max_adapters + 1) if s not in used]
+        if not free:
+            raise RuntimeError(f"all {self.config.max_adapters} adapter slots are in use; remove an adapter first")
+        adapter_id = adapter_id or f"adapter-{next(self._ids)}"
+        if adapter_id in self.adapters:
+            raise ValueError(f"adapter_id {adapter_id!r} already exists")
+        weights = init_adapter(self.model_config, rank=rank, seed=seed, targets=targets,
+                               bank_targets=self.config.targets, max_rank=self.config.max_rank,
+                               dtype=jnp.dtype(self.config.dtype))
+        adapter = Adapter(adapter_id, free[0], rank, float(alpha), tuple(targets), seed, init_opt_state(weights))
+        self._write_slot(adapter, weights)
+        self.adapters[adapter_id] = adapter
+        return adapter
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        adapter = self._adapter(adapter_id)
+        self._write_slot(adapter, None)
+        del self.adapters[adapter_id]
+
+    def adapter_weights(self, adapter_id: str) -> LoraWeights:
+        """The live weights of one adapter (`[L, d_in, R]` / `[L, R, d_out]` per target)."""
+        slot = self._adapter(adapter_id).slot
+        return jax.tree.map(lambda w: w[:, slot], self._bank.weights)
+
+    def set_adapter_state(self, adapter_id: str, weights: LoraWeights, opt_state: Any | None, step: int) -> None:
+        """Overwrite an adapter's weights (and optimizer state, unless None); clears its gradients."""
+        adapter = self._adapter(adapter_id)
+        self._write_slot(adapter, weights)
+        adapter.opt_state = opt_state if opt_state is not None else init_opt_state(weights)
+        adapter.step = step
+
+    def _write_slot(self, adapter: Adapter, weights: LoraWeights | None) -> None:
+        s, scale = adapter.slot, adapter.scale if weights is not None else 0.0
+        if weights is None:
+            weights = jax.tree.map(lambda w: jnp.zeros_like(w[:, s]), self._bank.weights)
+        self._bank = LoraBank(
+            jax.tree.map(lambda w, a: w.at[:, s].set(jnp.asarray(a, w.dtype)), self._bank.weights, weights),
+            self._bank.scales.at[s].set(scale),
+        )
+        self._grads = jax.tree.map(lambda g: g.at[:, s].set(0), self._grads)
+        adapter.accumulated = 0
+
+    def _adapter(self, adapter_id: str) -> Adapter:
+        try:
+            return self.adapters[adapter_id]
+        except KeyError:
+            raise KeyError(f"unknown adapter {adapter_id!r}") from None
+
+    # ------------------------------------------------------------------------- forward / backward
+    def forward(self, requests: Sequence[tuple[str, Sequence[DatumArrays], str, dict[str, float]]],
+                *, backward: bool) -> list[ForwardResult]:
+        """Run `(adapter_id, datums, loss_name, loss_config)` requests of one loss in one batch."""
+        loss_names = {r[2] for r in requests}
+        if len(loss_names) != 1:
+            raise ValueError(f"one batch runs one loss, got {sorted(loss_names)}")
+        loss_name = loss_names.pop()
+        adapters = [self._adapter(r[0]) for r in requests]
+        datums = [(i, d) for i, r in enumerate(requests) for d in r[1]]
+        used_slots = sorted({a.slot for a in adapters})
+        g = bucket(len(used_slots))
+        used = np.full((g,), NULL_SLOT, np.int32)
+        used[: len(used_slots)] = used_slots
+        local = {s: i for i, s in enumerate(used_slots)}
+        batch = self._pack([d for _, d in datums], LOSSES[loss_name].input_keys)
+        b = batch["tokens"].shape[0]
+        row_slots = np.zeros((b,), np.int32)
+        row_slots[: len(datums)] = [local[adapters[i].slot] for i, _ in datums]
+        loss_cfg = self._row_configs(loss_name, [requests[i][3] for i, _ in datums], b)
+        args = (self._base, self._bank.weights, self._bank.scales, used, row_slots, batch["tokens"],
+                batch["inputs"], loss_cfg)
+        if backward:
+            self._grads, logprobs, loss_rows, metrics = self._fwd_bwd(*args, grads=self._grads, loss_name=loss_name)
+            for a in {a.adapter_id: a for a in adapters}.values():
+                a.accumulated += 1
+        else:
+            logprobs, loss_rows, metrics = self._fwd(*args, loss_name=loss_name)
+        return self._split_results(requests, datums, np.asarray(logprobs), np.asarray(loss_rows),
+                                   {k: np.asarray(v) for k, v in metrics.items()})
+
+    def _pack(self, datums: Sequence[DatumArrays], input_keys: Sequence[str]) -> dict[str, Any]:
+        n = max(len(d.tokens) for d in datums)
+        if n > self.max_seq_len:
+            raise ValueError(f"sequence length {n} exceeds the engine's max_seq_len {self.max_seq_len}")
+        t, b = bucket(n, self.config.min_seq_bucket), bucket(len(datums))
+        tokens = np.zeros((b, t), np.int32)
+        inputs = {k: np.zeros((b, t), np.int32 if k == "target_tokens" else np.float32) for k in input_keys}
+        inputs["mask"] = np.zeros((b, t), np.float32)
+        for i, d in enumerate(datums):
+            m = len(d.tokens)
+            tokens[i, :m] = d.tokens
+            inputs["mask"][i, :m] = 1.0
+            for k in input_keys:
+                inputs[k][i, :m] = d.inputs[k]
+        return {"tokens": tokens, "inputs": inputs}
+
+    @staticmethod
+    def _row_configs(loss_name: str, configs: Sequence[dict[str, float]], rows: int) -> dict[str, np.ndarray]:
+        keys = LOSSES[loss_name].config_defaults.keys()
+        out = {k: np.zeros((rows,), np.float32) for k in keys}
+        for i, cfg in enumerate(configs):
+            for k in keys:
+                out[k][i] = cfg[k]
+        return out
+
+    @staticmethod
+    def _split_results(requests, datums, logprobs, loss_rows, metrics) -> list[ForwardResult]:
+        per_request: list[list[int]] = [[] for _ in requests]
+        for row, (i, _) in enumerate(datums):
+            per_request[i].append(row)
+        results = []
+        for rows in per_request:
+            lps = [logprobs[row, : len(datums[row][1].tokens)].copy() for row in rows]
+            out: dict[str, float] = {"loss:sum": float(loss_rows[rows].sum())}
+            if "logprob_gap_sum" in metrics:
+                count = float(metrics["logprob_gap_count"][rows].sum())
+                out["sampler_logprob_gap:mean"] = float(metrics["logprob_gap_sum"][rows].sum()) / max(count, 1.0)
+                out["sampler_logprob_gap:max"] = float(metrics["logprob_gap_max"][rows].max())
+            results.append(ForwardResult(lps, out["loss:sum"], out))
+        return results
+
+    def _model_logprobs(self, base, weights, scales, used, row_slots, tokens, targets):
+        model = nnx.merge(self._graphdef, base)
+        bank = LoraBank(jax.tree.map(lambda w: w[:, used], weights), scales[used])
+        return token_logprobs(model(tokens, hook=make_hook(bank, row_slots)), targets)
+
+    def _fwd_impl(self, base, weights, scales, used, row_slots, tokens, inputs, loss_cfg, *, loss_name):
+        self.compile_counts["forward"] += 1
+        logprobs = self._model_logprobs(base, weights, scales, used, row_slots, tokens, inputs["target_tokens"])
+        loss_rows, metrics = LOSSES[loss_name].fn(logprobs, inputs, loss_cfg)
+        return logprobs, loss_rows, metrics
+
+    def _fwd_bwd_impl(self, base, weights, scales, used, row_slots, tokens, inputs, loss_cfg, *, grads, loss_name):
+        self.compile_counts["forward_backward"] += 1
+        model = nnx.merge(self._graphdef, base)
+        sub = jax.tree.map(lambda w: w[:, used], weights)
+
+        def objective(sub_weights):
+            hook = make_hook(LoraBank(sub_weights, scales[used]), row_slots)
+            logprobs = token_logprobs(model(tokens, hook=hook), inputs["target_tokens"])
+            loss_rows, metrics = LOSSES[loss_name].fn(logprobs, inputs, loss_cfg)
+            return loss_rows.sum(), (logprobs, loss_rows, metrics)
+
+        sub_grads, (logprobs, loss_rows, metrics) = jax.grad(objective, has_aux=True)(sub)
+        grads = jax.tree.map(lambda acc, g: acc.at[:, used].add(g.astype(acc.dtype)), grads, sub_grads)
+        return grads, logprobs, loss_rows, metrics
+
+    # ------------------------------------------------------------------------------------ optim
+    def optim_step(self, adapter_id: str, hp: AdamHyperparams) -> dict[str, float]:
+        adapter = self._adapter(adapter_id)
+        weights, self._grads, adapter.opt_state, metrics = self._optim(
+            self._bank.weights, self._grads, adapter.opt_state, np.int32(adapter.slot), hp)
+        self._bank = LoraBank(weights, self._bank.scales)
+        adapter.step += 1
+        adapter.accumulated = 0
+        return {k: float(v) for k, v in metrics.items()}
+
+    def _optim_impl(self, weights, grads, opt_state, slot, hp):
+        self.compile_counts["optim_step"] += 1
+        params = jax.tree.map(lambda w: w[:, slot], weights)
+        slot_grads = jax.tree.map(lambda g: g[:, slot], grads)
+        params, opt_state, metrics = adamw_step(params, slot_grads, opt_state, hp)
+        weights = jax.tree.map(lambda w, p: w.at[:, slot].set(p), weights, params)
+        grads = jax.tree.map(lambda g: g.at[:, slot].set(0), grads)
+        return weights, grads, opt_state, metrics
+
+    # ------------------------------------------------------------------------ sampler snapshots
+    def publish(self, adapter_id: str) -> Snapshot:
+        """Freeze the adapter's current weights as a new sampler snapshot."""
+        adapter = self._adapter(adapter_id)
+        snapshot_id = f"{adapter_id}@{adapter.step}"
+        if snapshot_id not in self.snapshots:
+            weights = jax.tree.map(jnp.copy, self.adapter_weights(adapter_id))
+            self.snapshots[snapshot_id] = Snapshot(snapshot_id, adapter_id, adapter.step, weights, adapter.scale)
+        return self.snapshots[snapshot_id]
+
+    def add_snapshot(self, snapshot_id: str, weights: LoraWeights, scale: float, version: int,
+                     adapter_id: str | None = None) -> Snapshot:
+        """Register externally loaded sampler weights (e.g. a saved checkpoint) as a snapshot."""
+        weights = jax.tree.map(lambda w: jnp.asarray(w, self.config.dtype), weights)
+        self.snapshots[snapshot_id] = Snapshot(snapshot_id, adapter_id, version, weights, scale)
+        return self.snapshots[snapshot_id]
+
+    def _sampler_slots(self, snapshot_ids: Sequence[str]) -> dict[str, int]:
+        """Load the snapshots into the sampler bank (LRU) and return their slots."""
+        wanted = list(dict.fromkeys(snapshot_ids))
+        if len([s for s in wanted if s != "base"]) > self.config.sampler_slots:
+            raise ValueError(f"a sampling batch may use at most {self.config.sampler_slots} snapshots")
+        slots = {"base": NULL_SLOT}
+        for sid in wanted:
+            if sid == "base":
+                continue
+            snap = self.snapshots[sid]
+            if sid in self._sampler_cache:
+                self._sampler_cache.move_to_end(sid)
+            else:
+                taken = set(self._sampler_cache.values())
+                free = [s for s in range(1, self.config.sampler_slots + 1) if s not in taken]
+                if not free:
+                    evict = next(k for k in self._sampler_cache if k not in wanted)
+                    free = [self._sampler_cache.pop(evict)]
+                self._sampler_cache[sid] = free[0]
+                s = free[0]
+                self._sampler_bank = LoraBank(
+                    jax.tree.map(lambda w, a, s=s: w.at[:, s].set(a), self._sampler_bank.weights, snap.weights),
+                    self._sampler_bank.scales.at[s].set(snap.scale))
+            slots[sid] = self._sampler_cache[sid]
+        return slots
+
+    def snapshot_logprobs(self, requests: Sequence[tuple[str, np.ndarray]]) -> list[np.ndarray]:
+        """log p(token_t | tokens_<t) for each `(snapshot_id, tokens [n])`; the first entry is NaN."""
+        slots = self._sampler_slots([sid for sid, _ in requests])
+        datums = [DatumArrays(t, {"target_tokens": np.append(t[1:], 0), "weights": np.zeros(len(t), np.float32)})
+                  for _, t in requests]
+        batch = self._pack(datums, ("target_tokens", "weights"))
+        b = batch["tokens"].shape[0]
+        sampler_slots = sorted(set(slots.values()))
+        g = bucket(len(sampler_slots))
+        used = np.full((g,), NULL_SLOT, np.int32)
+        used[: len(sampler_slots)] = sampler_slots
+        local = {s: i for i, s in enumerate(sampler_slots)}
+        row_slots = np.zeros((b,), np.int32)
+        row_slots[: len(requests)] = [local[slots[sid]] for sid, _ in requests]
+        logprobs, _, _ = self._fwd(self._base, self._sampler_bank.weights, self._sampler_bank.scales, used, row_slots,
+                                   batch["tokens"], batch["inputs"], {}, loss_name="cross_entropy")
+        logprobs = np.asarray(logprobs)
+        return [np.concatenate([[np.nan], logprobs[i, : len(t) - 1]]).astype(np.float32)
+                for i, (_, t) in enumerate(requests)]

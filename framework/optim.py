@@ -1,0 +1,63 @@
+"""Per-adapter AdamW (optax) over one bank slot, with every hyperparameter a traced value.
+
+`optax.inject_hyperparams` keeps learning rate, betas, eps and weight decay in the optimizer state,
+so a schedule that changes them every step never recompiles. Global-norm clipping (tinker's
+`grad_clip_norm`, 0 = off) is applied first. The optimizer sees only one adapter's weights
+(`[L, d_in, R]` / `[L, R, d_out]` per target), so weight decay and moments are confined to the slot
+being stepped; zero-padded rank columns and untrained targets have zero gradient and zero weight and
+so stay exactly zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lora.bank import LoraWeights
+
+
+class AdamHyperparams(NamedTuple):
+    """Traced AdamW settings (scalars, fp32)."""
+
+    learning_rate: jax.Array
+    beta1: jax.Array
+    beta2: jax.Array
+    eps: jax.Array
+    weight_decay: jax.Array
+    grad_clip_norm: jax.Array  # <= 0 disables clipping
+
+    @classmethod
+    def make(cls, learning_rate: float, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-12,
+             weight_decay: float = 0.0, grad_clip_norm: float = 0.0) -> AdamHyperparams:
+        return cls(*(jnp.asarray(v, jnp.float32) for v in
+                     (learning_rate, beta1, beta2, eps, weight_decay, grad_clip_norm)))
+
+
+def _adamw() -> optax.GradientTransformationExtraArgs:
+    return optax.inject_hyperparams(optax.adamw)(
+        learning_rate=0.0, b1=0.9, b2=0.95, eps=1e-12, weight_decay=0.0
+    )
+
+
+def init_opt_state(params: LoraWeights) -> Any:
+    """Fresh AdamW state for one adapter."""
+    return _adamw().init(params)
+
+
+def adamw_step(
+    params: LoraWeights, grads: LoraWeights, opt_state: Any, hp: AdamHyperparams
+) -> tuple[LoraWeights, Any, dict[str, jax.Array]]:
+    """One AdamW update; returns new params, new state and metrics (grad norm before clipping)."""
+    grad_norm = optax.global_norm(grads)
+    clip = jnp.where((hp.grad_clip_norm > 0) & (grad_norm > hp.grad_clip_norm),
+                     hp.grad_clip_norm / jnp.maximum(grad_norm, 1e-30), 1.0)
+    grads = jax.tree.map(lambda g: g * clip.astype(g.dtype), grads)
+    hyper = {"learning_rate": hp.learning_rate, "b1": hp.beta1, "b2": hp.beta2, "eps": hp.eps,
+             "weight_decay": hp.weight_decay}
+    opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, **hyper})
+    updates, opt_state = _adamw().update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, {"grad_norm": grad_norm, "update_norm": optax.global_norm(updates)}
