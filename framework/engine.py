@@ -24,7 +24,7 @@ import collections
 import dataclasses
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -34,6 +34,7 @@ from flax import nnx
 
 from framework.losses import LOSSES
 from framework.optim import AdamHyperparams, adamw_step, init_opt_state
+from framework.sampling import RowParams, generate, sample_keys, truncate_at_stop_strings
 from lora import ALL_TARGETS, DEFAULT_ALPHA, LoraBank, LoraWeights, empty_bank, init_adapter, make_hook
 from models import Transformer, load_checkpoint, token_logprobs
 
@@ -88,6 +89,38 @@ class DatumArrays:
 
 
 @dataclasses.dataclass(frozen=True)
+class SampleJob:
+    """One validated sampling request: `num_samples` continuations of `prompt` from a snapshot."""
+
+    snapshot_id: str
+    prompt: np.ndarray  # [n] int32
+    num_samples: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    stop_tokens: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    prompt_logprobs: bool = False
+    decode: Callable[[list[int]], str] | None = None  # tokenizer decode, needed for stop strings
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledRow:
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: str  # "stop" | "length"
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleResult:
+    sequences: list[SampledRow]
+    prompt_logprobs: np.ndarray | None  # [n], NaN for the first token
+    version: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ForwardResult:
     logprobs: list[np.ndarray]  # per datum, [n]
     loss: float  # sum over the request's datums
@@ -123,6 +156,7 @@ class Engine:
         self._fwd = jax.jit(self._fwd_impl, static_argnames=("loss_name",))
         self._fwd_bwd = jax.jit(self._fwd_bwd_impl, static_argnames=("loss_name",), donate_argnames=("grads",))
         self._optim = jax.jit(self._optim_impl, donate_argnames=("weights", "grads", "opt_state"))
+        self._sample = jax.jit(self._sample_impl, static_argnames=("max_new", "capacity"))
 
     # ----------------------------------------------------------------------------------- adapters
     def create_adapter(self, *, rank: int, seed: int = 0, targets: Sequence[str] = ALL_TARGETS,
@@ -360,3 +394,63 @@ class Engine:
         logprobs = np.asarray(logprobs)
         return [np.concatenate([[np.nan], logprobs[i, : len(t) - 1]]).astype(np.float32)
                 for i, (_, t) in enumerate(requests)]
+
+    # ---------------------------------------------------------------------------------- sampling
+    def sample(self, jobs: Sequence[SampleJob]) -> list[SampleResult]:
+        """Sample every job's `num_samples` rows in one batch (any mix of snapshots and settings)."""
+        for job in jobs:
+            if job.snapshot_id not in self.snapshots:
+                raise KeyError(f"unknown sampler snapshot {job.snapshot_id!r}")
+        slots = self._sampler_slots([j.snapshot_id for j in jobs])
+        rows = [(j, i) for j in jobs for i in range(j.num_samples)]
+        b = bucket(len(rows))
+        t = bucket(max(len(j.prompt) for j in jobs), self.config.min_seq_bucket)
+        max_new = bucket(max(j.max_tokens for j in jobs), 16)
+        m = bucket(max([len(j.stop_tokens) for j in jobs] + [1]), 4)
+        tokens = np.zeros((b, t), np.int32)
+        lengths = np.ones((b,), np.int32)
+        temperature, top_p = np.ones((b,), np.float32), np.ones((b,), np.float32)
+        top_k, max_tokens = np.full((b,), -1, np.int32), np.ones((b,), np.int32)
+        stop_tokens = np.full((b, m), -1, np.int32)
+        keys = [sample_keys(j.seed, j.num_samples) for j in jobs]
+        keys = jnp.concatenate([*keys, sample_keys(0, b - len(rows))] if b > len(rows) else keys)
+        snapshot_slots = sorted({slots[j.snapshot_id] for j in jobs})
+        used = np.full((bucket(len(snapshot_slots)),), NULL_SLOT, np.int32)
+        used[: len(snapshot_slots)] = snapshot_slots
+        local = {s: i for i, s in enumerate(snapshot_slots)}
+        row_slots = np.zeros((b,), np.int32)
+        for r, (j, _) in enumerate(rows):
+            tokens[r, : len(j.prompt)] = j.prompt
+            lengths[r] = len(j.prompt)
+            temperature[r], top_p[r], top_k[r], max_tokens[r] = j.temperature, j.top_p, j.top_k, j.max_tokens
+            stop_tokens[r, : len(j.stop_tokens)] = j.stop_tokens
+            row_slots[r] = local[slots[j.snapshot_id]]
+        params = RowParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, keys=keys,
+                           stop_tokens=stop_tokens)
+        out = self._sample(self._base, self._sampler_bank.weights, self._sampler_bank.scales, used, row_slots,
+                           tokens, lengths, params, max_new=max_new, capacity=t + max_new)
+        out_tokens, out_logprobs = np.asarray(out.tokens), np.asarray(out.logprobs)
+        num_tokens, hit_stop = np.asarray(out.num_tokens), np.asarray(out.hit_stop_token)
+        prompt_lps = dict(zip([id(j) for j in jobs if j.prompt_logprobs], self.snapshot_logprobs(
+            [(j.snapshot_id, j.prompt) for j in jobs if j.prompt_logprobs]), strict=True)) if any(
+            j.prompt_logprobs for j in jobs) else {}
+        results, r = [], 0
+        for j in jobs:
+            sequences = []
+            for _ in range(j.num_samples):
+                n, stopped = int(num_tokens[r]), bool(hit_stop[r])
+                ids = out_tokens[r, :n].tolist()
+                if j.stop_strings and j.decode is not None:
+                    keep, hit = truncate_at_stop_strings(ids, list(j.stop_strings), j.decode)
+                    if hit:
+                        n, stopped, ids = keep, True, ids[:keep]
+                sequences.append(SampledRow(ids, out_logprobs[r, :n].tolist(), "stop" if stopped else "length"))
+                r += 1
+            results.append(SampleResult(sequences, prompt_lps.get(id(j)), self.snapshots[j.snapshot_id].version))
+        return results
+
+    def _sample_impl(self, base, weights, scales, used, row_slots, tokens, lengths, params, *, max_new, capacity):
+        self.compile_counts["sample"] += 1
+        model = nnx.merge(self._graphdef, base)
+        hook = make_hook(LoraBank(jax.tree.map(lambda w: w[:, used], weights), scales[used]), row_slots)
+        return generate(model, hook, tokens, lengths, params, max_new=max_new, capacity=capacity)
