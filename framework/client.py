@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from framework import checkpoints, types
@@ -243,34 +245,50 @@ class TrainingClient:
 
     def forward_backward_custom(
         self, data: Sequence[types.Datum],
-        loss_fn: Callable[[list[types.Datum], list[jax.Array]], tuple[jax.Array, dict[str, float]]],
+        loss_fn: Callable[[list[types.Datum], list[jax.Array]], tuple[jax.Array, dict[str, Any]]],
     ) -> APIFuture[types.ForwardBackwardOutput]:
-        """Differentiate a user loss of the per-token logprobs.
+        """Differentiate a user loss of the per-token logprobs of `target_tokens`.
 
         `loss_fn(data, logprobs)` gets one `[n]` logprob array per datum and returns `(loss, metrics)`.
-        Runs as forward → `jax.vjp` of `loss_fn` → a backward pass weighted by the cotangents (the
-        linear surrogate `-Σ c·logp` has the same gradient as the user's loss).
+        If it is JAX-traceable it runs inside the compiled training step (one forward, one backward;
+        the hosted API needs an extra forward pass for this). Otherwise it falls back to
+        forward → `jax.vjp` of `loss_fn` on the logprobs → a backward pass weighted by the cotangents
+        (the linear surrogate `-Σ c·logp` has the same gradient as the user's loss).
         """
-        if not data:
-            raise ValueError("data is empty; forward_backward_custom needs at least one Datum")
-        for i, d in enumerate(data):
-            if "target_tokens" not in d.loss_fn_inputs:
-                raise ValueError(f"data[{i}].loss_fn_inputs lacks 'target_tokens' (whose logprobs the loss reads)")
+        data = list(data)
+        arrays, _ = datums_to_arrays(data, "cross_entropy", None, vocab_size=self._engine.model_config.vocab_size,
+                                     max_seq_len=self._engine.max_seq_len, required_keys=("target_tokens",))
+        shapes = [jax.ShapeDtypeStruct((len(a.tokens),), jnp.float32) for a in arrays]
+        try:
+            traced, out_shape = jax.make_jaxpr(lambda lps: loss_fn(data, lps), return_shape=True)(shapes)
+        except (jax.errors.JAXTypeError, jax.errors.ConcretizationTypeError, TypeError):
+            return self._forward_backward_custom_vjp(data, loss_fn)
+        out_tree = jax.tree.structure(out_shape)
+        engine = self._engine
+
+        def run(payloads: Sequence[Any]) -> list[types.ForwardBackwardOutput]:
+            logprobs, value, metrics = engine.forward_backward_custom(self.model_id, arrays, traced, out_tree)
+            return [types.ForwardBackwardOutput(
+                loss_fn_output_type="ArrayRecord",
+                loss_fn_outputs=[{"logprobs": types.TensorData.from_numpy(lp)} for lp in logprobs],
+                metrics={**metrics, "loss:sum": value})]
+
+        return APIFuture(self._scheduler.submit(run, None, adapter_id=self.model_id, rows=len(arrays)))
+
+    def _forward_backward_custom_vjp(self, data: list[types.Datum], loss_fn: Callable
+                                     ) -> APIFuture[types.ForwardBackwardOutput]:
         probe = [types.Datum(model_input=d.model_input, loss_fn_inputs={
             "target_tokens": d.loss_fn_inputs["target_tokens"], "weights": np.zeros(d.model_input.length, np.float32)})
             for d in data]
         forward = self.forward(probe, "cross_entropy").result()
-        logprobs = [jax.numpy.asarray(o["logprobs"].to_numpy()) for o in forward.loss_fn_outputs]
-        loss, vjp, metrics = jax.vjp(lambda lps: loss_fn(list(data), lps), logprobs, has_aux=True)
-        (cotangents,) = vjp(jax.numpy.ones_like(loss))
-        weighted = [types.Datum(model_input=d.model_input, loss_fn_inputs={
-            "target_tokens": d.loss_fn_inputs["target_tokens"], "weights": -np.asarray(c, np.float32)})
-            for d, c in zip(data, cotangents, strict=True)]
-        custom_metrics = {k: float(v) for k, v in metrics.items()}
+        logprobs = [o["logprobs"].to_numpy().astype(np.float32) for o in forward.loss_fn_outputs]
+        loss, metrics, cotangents = _loss_cotangents(loss_fn, data, logprobs)
+        weighted = [types.Datum(model_input=d.model_input,
+                                loss_fn_inputs={"target_tokens": d.loss_fn_inputs["target_tokens"], "weights": -c})
+                    for d, c in zip(data, cotangents, strict=True)]
 
         def finish(out: types.ForwardBackwardOutput) -> types.ForwardBackwardOutput:
-            merged = {**out.metrics, **custom_metrics, "loss:sum": float(loss)}
-            return out.model_copy(update={"metrics": merged})
+            return out.model_copy(update={"metrics": {**out.metrics, **metrics, "loss:sum": loss}})
 
         return self.forward_backward(weighted, "cross_entropy").then(finish)
 
@@ -498,6 +516,29 @@ class SamplingClient:
 
 
 # ------------------------------------------------------------------------------------- helpers
+def _loss_cotangents(loss_fn: Callable, data: list[types.Datum], logprobs: list[np.ndarray]
+                     ) -> tuple[float, dict[str, float], list[np.ndarray]]:
+    """`(loss, metrics, d loss / d logprobs)` of a loss that cannot be traced by JAX.
+
+    Tried with `jax.vjp` first; a loss written for the tinker SDK with torch ops (when the caller has
+    imported torch: this module never imports it itself) is differentiated with torch autograd.
+    """
+    try:
+        loss, vjp, metrics = jax.vjp(lambda lps: loss_fn(data, lps), [jnp.asarray(x) for x in logprobs], has_aux=True)
+        (cotangents,) = vjp(jnp.ones_like(loss))
+        return float(loss), {k: float(v) for k, v in metrics.items()}, [np.asarray(c, np.float32) for c in cotangents]
+    except (jax.errors.JAXTypeError, jax.errors.ConcretizationTypeError, TypeError) as jax_error:
+        torch = sys.modules.get("torch")
+        if torch is None:
+            raise ValueError(f"custom loss_fn is not JAX-differentiable (torch not loaded): {jax_error}") from None
+        tensors = [torch.tensor(x, requires_grad=True) for x in logprobs]
+        loss, metrics = loss_fn(data, tensors)
+        loss.backward()
+        return (float(loss), {k: float(v) for k, v in metrics.items()},
+                [t.grad.numpy().astype(np.float32) if t.grad is not None else np.zeros_like(x)
+                 for t, x in zip(tensors, logprobs, strict=True)])
+
+
 def _to_output(result: ForwardResult) -> types.ForwardBackwardOutput:
     return types.ForwardBackwardOutput(
         loss_fn_output_type="ArrayRecord",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -156,6 +157,7 @@ class Engine:
         self._fwd = jax.jit(self._fwd_impl, static_argnames=("loss_name",))
         self._fwd_bwd = jax.jit(self._fwd_bwd_impl, static_argnames=("loss_name",), donate_argnames=("grads",))
         self._optim = jax.jit(self._optim_impl, donate_argnames=("weights", "grads", "opt_state"))
+        self._custom_steps: dict[Any, Callable] = {}
         self._sample = jax.jit(self._sample_impl, static_argnames=("max_new", "capacity"))
 
     # ----------------------------------------------------------------------------------- adapters
@@ -312,6 +314,51 @@ class Engine:
         sub_grads, (logprobs, loss_rows, metrics) = jax.grad(objective, has_aux=True)(sub)
         grads = jax.tree.map(lambda acc, g: acc.at[:, used].add(g.astype(acc.dtype)), grads, sub_grads)
         return grads, logprobs, loss_rows, metrics
+
+    def forward_backward_custom(self, adapter_id: str, datums: Sequence[DatumArrays], loss: Any, out_tree: Any
+                                ) -> tuple[list[np.ndarray], float, dict[str, float]]:
+        """forward_backward with a user loss traced to a jaxpr (`loss = jax.make_jaxpr(fn)(logprob shapes)`).
+
+        The loss runs inside the compiled step: one forward, one backward. Its constants (arrays it
+        closed over, e.g. the datums' advantages) are passed as arguments, so a new batch with the same
+        loss structure and lengths reuses the compiled step; a new structure or length set compiles.
+        """
+        adapter = self._adapter(adapter_id)
+        lengths = tuple(len(d.tokens) for d in datums)
+        key = (str(loss.jaxpr), lengths)
+        step = self._custom_steps.get(key)
+        if step is None:
+            step = self._custom_steps[key] = jax.jit(
+                functools.partial(self._custom_impl, jaxpr=loss.jaxpr, out_tree=out_tree, lengths=lengths),
+                donate_argnames=("grads",))
+        batch = self._pack(datums, ("target_tokens",))
+        used = np.full((1,), adapter.slot, np.int32)
+        row_slots = np.zeros((batch["tokens"].shape[0],), np.int32)
+        consts = [jnp.asarray(c) for c in loss.consts]
+        self._grads, logprobs, value, metrics = step(self._base, self._bank.weights, self._bank.scales, used,
+                                                     row_slots, batch["tokens"], batch["inputs"]["target_tokens"],
+                                                     consts, grads=self._grads)
+        adapter.accumulated += 1
+        logprobs = np.asarray(logprobs)
+        return ([logprobs[i, :n].copy() for i, n in enumerate(lengths)], float(value),
+                {k: float(v) for k, v in metrics.items()})
+
+    def _custom_impl(self, base, weights, scales, used, row_slots, tokens, targets, consts, *, grads, jaxpr,
+                     out_tree, lengths):
+        self.compile_counts["forward_backward_custom"] += 1
+        model = nnx.merge(self._graphdef, base)
+
+        def objective(sub_weights):
+            hook = make_hook(LoraBank(sub_weights, scales[used]), row_slots)
+            logprobs = token_logprobs(model(tokens, hook=hook), targets)
+            outs = jax.core.eval_jaxpr(jaxpr, consts, *[logprobs[i, :n] for i, n in enumerate(lengths)])
+            value, metrics = jax.tree.unflatten(out_tree, outs)
+            return value, (logprobs, value, metrics)
+
+        sub_grads, (logprobs, value, metrics) = jax.grad(objective, has_aux=True)(
+            jax.tree.map(lambda w: w[:, used], weights))
+        grads = jax.tree.map(lambda acc, g: acc.at[:, used].add(g.astype(acc.dtype)), grads, sub_grads)
+        return grads, logprobs, value, metrics
 
     # ------------------------------------------------------------------------------------ optim
     def optim_step(self, adapter_id: str, hp: AdamHyperparams) -> dict[str, float]:

@@ -28,22 +28,30 @@ def check_tokens(field: str, tokens: np.ndarray, vocab_size: int) -> None:
 
 def datums_to_arrays(
     data: Sequence[types.Datum], loss_fn: str, loss_fn_config: dict | None, *, vocab_size: int, max_seq_len: int,
+    required_keys: Sequence[str] | None = None,
 ) -> tuple[list[DatumArrays], dict[str, float]]:
-    """Engine inputs for a `forward`/`forward_backward` request, and the loss config with defaults."""
+    """Engine inputs for a `forward`/`forward_backward` request, and the loss config with defaults.
+
+    `required_keys` overrides the loss's input keys (a custom loss reads only `target_tokens`).
+    """
     if not isinstance(data, Sequence) or isinstance(data, str | bytes):
         raise ValueError(f"data must be a list of Datum, got {type(data).__name__}")
     if not data:
         raise ValueError("data is empty; forward_backward needs at least one Datum")
     if loss_fn not in LOSSES:
         raise ValueError(f"unknown loss_fn {loss_fn!r}; valid: {', '.join(sorted(LOSSES))}")
-    keys = LOSSES[loss_fn].input_keys
+    keys = LOSSES[loss_fn].input_keys if required_keys is None else tuple(required_keys)
     config: dict[str, float] | None = None
     out = []
     for i, datum in enumerate(data):
         if not isinstance(datum, types.Datum):
             raise ValueError(f"data[{i}] must be a Datum, got {type(datum).__name__}")
-        resolved = check_loss_inputs(loss_fn, datum.loss_fn_inputs.keys(), loss_fn_config)
-        config = config or resolved
+        if required_keys is None:
+            config = config or check_loss_inputs(loss_fn, datum.loss_fn_inputs.keys(), loss_fn_config)
+        else:
+            missing = [k for k in keys if k not in datum.loss_fn_inputs]
+            if missing:
+                raise ValueError(f"data[{i}].loss_fn_inputs lacks {missing}")
         tokens = np.asarray(datum.model_input.to_ints(), np.int64)
         check_tokens(f"data[{i}].model_input", tokens, vocab_size)
         if len(tokens) > max_seq_len:
