@@ -21,6 +21,7 @@ from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from models import ModelConfig
 from models.transformer import UNEMBED_LAYER, LinearHook
@@ -89,23 +90,21 @@ def init_adapter(
 ) -> LoraWeights:
     """A fresh adapter laid out for one bank slot: A ~ U(±1/sqrt(d_in)) (as PEFT), B = 0.
 
-    Columns past `rank` and targets not in `targets` are zero. Each (target, layer) draws from its
-    own key folded from `seed`, so the same seed gives the same adapter whatever the bank's size.
+    Columns past `rank` and targets not in `targets` are zero. Each target draws from its own
+    stream seeded by `(seed, target index)`, so the same seed gives the same adapter.
     """
     if not 0 < rank <= max_rank:
         raise ValueError(f"rank must be in [1, {max_rank}], got {rank}")
     targets = set(targets)
-    root = jax.random.key(seed)
     out: LoraWeights = {}
     for ti, t in enumerate(bank_targets):
         layers, d_in, d_out = target_shape(config, t)
-        a = jnp.zeros((layers, d_in, max_rank), dtype)
-        if t in targets:
+        a = np.zeros((layers, d_in, max_rank), np.float32)
+        if t in targets:  # numpy, not jax.random: no per-shape compile, and just as reproducible
             bound = 1.0 / d_in**0.5
-            keys = jax.random.split(jax.random.fold_in(root, ti), layers)
-            draws = jax.vmap(lambda k, d_in=d_in, bound=bound: jax.random.uniform(
-                k, (d_in, rank), jnp.float32, -bound, bound))(keys)
-            a = a.at[:, :, :rank].set(draws.astype(dtype))
+            rng = np.random.default_rng([seed % 2**63, ti])
+            a[:, :, :rank] = rng.uniform(-bound, bound, (layers, d_in, rank))
+        a = jnp.asarray(a, dtype)
         out[t] = {"a": a, "b": jnp.zeros((layers, max_rank, d_out), dtype)}
     return out
 

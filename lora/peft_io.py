@@ -5,7 +5,8 @@ PEFT stores `lora_A.weight [r, d_in]` and `lora_B.weight [d_out, r]` per module 
 `lora_alpha / r` (`lora_alpha / sqrt(r)` with rslora); ours are `A [d_in, R]`, `B [R, d_out]` padded to
 the bank's rank, so export slices and transposes, import pads. Only plain LoRA is accepted on import:
 DoRA, per-module rank/alpha patterns, layer subsets and trained biases raise a `ValueError` naming the
-field, instead of being silently dropped.
+field, instead of being silently dropped. The copy of the base unembedding that `peft` saves beside an
+`lm_head` adapter is accepted when its shape is the base's (its values are the base's own).
 """
 
 from __future__ import annotations
@@ -124,6 +125,16 @@ def import_peft(
                 a[layer, :, :rank] = tensors[f"{prefix}.lora_A.weight"].T
                 b[layer, :rank, :] = tensors[f"{prefix}.lora_B.weight"].T
         adapter[t] = {"a": a, "b": b}
+    # With `lm_head` among its targets, `peft` also saves the base unembedding (`save_embedding_layers=
+    # "auto"`, meant for resized vocabularies). A copy of the base's shape adds nothing; another shape
+    # means another vocabulary, which this base cannot serve.
+    base_copy = f"base_model.model.{_module_path(UNEMBED_TARGET, 0)}.base_layer.weight"
+    if base_copy in tensors and UNEMBED_TARGET in targets:
+        want = (config.vocab_size, config.hidden_size)
+        if tensors[base_copy].shape != want:
+            raise ValueError(f"{weights_file}: tensor {base_copy!r} has shape {tensors[base_copy].shape}, expected "
+                             f"{want} (the adapter was saved for a different vocabulary)")
+        used.add(base_copy)
     extra = sorted(set(tensors) - used)
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""

@@ -168,6 +168,11 @@ def _rope_from_hf(hf: dict[str, Any], model_type: str) -> tuple[float, RopeScali
         )
     if rope_type == "default":
         return theta, RopeScaling()
+    needed = ("factor",) if rope_type == "linear" else (
+        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in needed if k not in params]
+    if missing:
+        raise ValueError(f"{model_type}: rope_type {rope_type!r} needs rope scaling field(s) {', '.join(missing)}")
     if rope_type == "linear":
         return theta, RopeScaling(rope_type="linear", factor=float(params["factor"]))
     return theta, RopeScaling(

@@ -27,6 +27,7 @@ from models.transformer import Transformer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # Buffers some exporters write that carry no learned weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -98,6 +99,13 @@ def safetensors_files(path: str | os.PathLike[str]) -> dict[str, Path]:
         for name, file in files.items():
             if not file.is_file():
                 raise CheckpointError(f"{index_file}: tensor {name!r} is mapped to missing file {file.name}")
+        held: dict[Path, set[str]] = {}
+        for name, file in files.items():
+            if file not in held:
+                with safe_open(file, framework="numpy") as f:
+                    held[file] = set(f.keys())
+            if name not in held[file]:
+                raise CheckpointError(f"{index_file}: tensor {name!r} is mapped to {file.name}, which does not hold it")
         return files
     single = directory / SINGLE_FILE
     if single.is_file():
@@ -174,6 +182,8 @@ def load_tokenizer(path: str | os.PathLike[str]):  # -> transformers.PreTrainedT
     from transformers import AutoTokenizer
 
     directory = _checkpoint_dir(path)
+    if not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"{directory}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
     try:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as e:
