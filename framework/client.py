@@ -44,6 +44,7 @@ from models import load_tokenizer, read_config
 T = TypeVar("T")
 U = TypeVar("U")
 
+_IO_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="tinker-jax-io")
 DEFAULT_HOME = Path(os.environ.get("TINKER_JAX_HOME", "~/.cache/tinker-jax")).expanduser()
 
 
