@@ -69,7 +69,8 @@ def main() -> None:
     ours_tokens = np.array([r.sequences[0].tokens for r in ours_out])
     torch_tokens = torch_out[:, args.prompt_len:].numpy()
     assert ours_tokens.shape == torch_tokens.shape, (ours_tokens.shape, torch_tokens.shape)
-    first_divergence = [int(np.argmax(a != b)) if (a != b).any() else len(a) for a, b in zip(ours_tokens, torch_tokens)]
+    first_divergence = [int(np.argmax(a != b)) if (a != b).any() else len(a)
+                        for a, b in zip(ours_tokens, torch_tokens, strict=True)]
     log(f"greedy tokens equal to transformers up to position {first_divergence}")
 
     best = alternate_best({"ours": run_ours, "ours_lora": lambda: run_ours(snapshot.snapshot_id),
