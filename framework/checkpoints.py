@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -59,4 +60,8 @@ def load_training_state(directory: str | os.PathLike[str], *, weights_like: Any,
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     with ocp.StandardCheckpointer() as checkpointer:
         state = checkpointer.restore(directory / STATE_DIR, abstract)
+    # Orbax places what it restores on an explicit device ("committed" arrays). The engine's state is
+    # uncommitted, and jit keys its compile cache on committedness: a committed slot write would make
+    # every compiled step compile again (without retracing, so `compile_counts` would not show it).
+    state = jax.tree.map(jnp.asarray, jax.device_get(state))
     return state["weights"], state["opt_state"], int(state["step"])

@@ -11,7 +11,8 @@ bank's `LinearHook` (or None for the base model). What is unusual, and why:
   fp32 logits before temperature and truncation): exactly what a training forward pass computes
   for the same sequence, which is what importance-sampling / PPO losses need.
 - Top-k / top-p need a sort over the vocabulary; a `lax.cond` skips it when no row of the batch
-  asks for truncation (the common RL case: temperature 1, no top-k/top-p).
+  asks for truncation (the common RL case: temperature 1, no top-k/top-p). Measured on CPU at
+  B=8, V=151936: 63 ms per token choice without the sort, 630-660 ms with it.
 - The loop exits as soon as every row is done (stop token emitted or budget spent). Rows that are
   done keep riding along in the batch (their tokens are masked to 0) until then.
 
