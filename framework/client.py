@@ -251,8 +251,9 @@ class TrainingClient:
         """Differentiate a user loss of the per-token logprobs of `target_tokens`.
 
         `loss_fn(data, logprobs)` gets one `[n]` logprob array per datum and returns `(loss, metrics)`.
-        If it is JAX-traceable it runs inside the compiled training step (one forward, one backward;
-        the hosted API needs an extra forward pass for this). Otherwise it falls back to
+        If it is JAX-traceable and the same loss structure and sequence lengths recur, it runs inside a
+        compiled training step of its own (one forward, one backward; the hosted API needs an extra
+        forward pass for this). A first-seen combination, or an untraceable loss, falls back to
         forward → `jax.vjp` of `loss_fn` on the logprobs → a backward pass weighted by the cotangents
         (the linear surrogate `-Σ c·logp` has the same gradient as the user's loss).
         """
@@ -263,6 +264,8 @@ class TrainingClient:
         try:
             traced, out_shape = jax.make_jaxpr(lambda lps: loss_fn(data, lps), return_shape=True)(shapes)
         except (jax.errors.JAXTypeError, jax.errors.ConcretizationTypeError, TypeError):
+            return self._forward_backward_custom_vjp(data, loss_fn)
+        if not self._engine.wants_custom_step(traced, [len(a.tokens) for a in arrays]):
             return self._forward_backward_custom_vjp(data, loss_fn)
         out_tree = jax.tree.structure(out_shape)
         engine = self._engine

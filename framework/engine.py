@@ -158,6 +158,7 @@ class Engine:
         self._fwd_bwd = jax.jit(self._fwd_bwd_impl, static_argnames=("loss_name",), donate_argnames=("grads",))
         self._optim = jax.jit(self._optim_impl, donate_argnames=("weights", "grads", "opt_state"))
         self._custom_steps: dict[Any, Callable] = {}
+        self._custom_seen: collections.Counter[Any] = collections.Counter()
         self._sample = jax.jit(self._sample_impl, static_argnames=("max_new", "capacity"))
 
     # ----------------------------------------------------------------------------------- adapters
@@ -321,7 +322,8 @@ class Engine:
 
         The loss runs inside the compiled step: one forward, one backward. Its constants (arrays it
         closed over, e.g. the datums' advantages) are passed as arguments, so a new batch with the same
-        loss structure and lengths reuses the compiled step; a new structure or length set compiles.
+        loss structure and lengths reuses the compiled step; a new structure or length set compiles
+        (callers use `wants_custom_step` to compile only for combinations that recur).
         """
         adapter = self._adapter(adapter_id)
         lengths = tuple(len(d.tokens) for d in datums)
@@ -342,6 +344,14 @@ class Engine:
         logprobs = np.asarray(logprobs)
         return ([logprobs[i, :n].copy() for i, n in enumerate(lengths)], float(value),
                 {k: float(v) for k, v in metrics.items()})
+
+    def wants_custom_step(self, loss: Any, lengths: Sequence[int]) -> bool:
+        """Whether a traced custom loss should run in its own compiled step: yes once the same loss
+        structure and lengths come a second time (or are compiled already). A one-off combination is
+        cheaper through the two-pass path, which reuses the bucketed cross-entropy steps."""
+        key = (str(loss.jaxpr), tuple(lengths))
+        self._custom_seen[key] += 1
+        return key in self._custom_steps or self._custom_seen[key] >= 2
 
     def _custom_impl(self, base, weights, scales, used, row_slots, tokens, targets, consts, *, grads, jaxpr,
                      out_tree, lengths):
