@@ -8,7 +8,7 @@ them repeat by repeat (the machine may be shared): `ratio` is our best time vs t
 measures the machine's jitted fp32 matmul peak (2048³) and reports our achieved FLOP/s (from
 `ModelConfig.flops_per_token`, causal attention counted) as a fraction of it.
 
-    python bench/forward.py [--batch 8] [--seq 256] [--repeats 8]
+    python -m bench.forward [--batch 8] [--seq 256] [--repeats 8]
 
 Progress goes to stderr; the last line on stdout is one JSON object.
 """
@@ -19,9 +19,7 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,42 +28,8 @@ import torch
 import transformers
 from flax import nnx
 
+from bench.common import build_qwen3_checkpoint, log, matmul_peak, timed
 from models import load_checkpoint
-
-HF_CONFIG = dict(
-    vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-    num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096,
-    rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def best_time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """Best fp32 FLOP/s of a jitted n×n @ n×n matmul."""
-    ka, kb = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(ka, (n, n), jnp.float32)
-    b = jax.random.normal(kb, (n, n), jnp.float32)
-    mm = jax.jit(jnp.matmul)
-    mm(a, b).block_until_ready()
-    return 2 * n**3 / best_time(lambda: mm(a, b).block_until_ready(), repeats)
-
-
-def build_checkpoint(directory: str, seed: int = 0) -> None:
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3Config(**HF_CONFIG), dtype=torch.float32)
-    model.save_pretrained(directory)
 
 
 def main() -> None:
@@ -81,7 +45,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as directory:
         log(f"building random Qwen3 checkpoint in {directory}")
-        build_checkpoint(directory)
+        build_qwen3_checkpoint(directory)
         ours_model = load_checkpoint(directory, dtype=jnp.float32)
         torch_model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     config = ours_model.config
@@ -117,7 +81,7 @@ def main() -> None:
     ours_times, torch_times = [], []
     for i in range(args.repeats):  # alternate, so load from other processes hits both alike
         first, second = (run_ours, run_torch) if i % 2 == 0 else (run_torch, run_ours)
-        times = {first: best_time(first, 1), second: best_time(second, 1)}
+        times = {first: timed(first), second: timed(second)}
         ours_times.append(times[run_ours])
         torch_times.append(times[run_torch])
         log(f"repeat {i}: ours {ours_times[-1] * 1e3:.1f} ms, torch {torch_times[-1] * 1e3:.1f} ms")
