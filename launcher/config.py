@@ -24,6 +24,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from framework.tracking import LoggerConfig
 from launcher.envs.arithmetic import Difficulty
 from launcher.pretrain import PretrainConfig
 
@@ -69,22 +70,6 @@ class ClientConfig:
     max_rank: int = 32
     sampler_slots: int = 4
     min_seq_bucket: int = 32
-
-
-@dataclass
-class WandbConfig:
-    mode: str | None = None  # offline | online | disabled; null: $WANDB_MODE if set, else offline
-    project: str = "tinker-jax"
-    entity: str | None = None
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
-
-
-@dataclass
-class LoggerConfig:
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    plot_every: int = 5  # redraw the PNG curves every this many steps (and at the end)
-    progress: bool = True  # progress bar with ETA on the terminal
 
 
 _DIFFICULTY = Difficulty()

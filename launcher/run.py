@@ -126,9 +126,9 @@ class Driver:
 
     def run(self) -> float | None:
         from framework import types
+        from framework.tracking import Tracker
         from launcher.recipes import RECIPES
         from launcher.recipes.base import Context
-        from launcher.tracking import Tracker
 
         cfg = self.cfg
         if cfg.recipe not in RECIPES:

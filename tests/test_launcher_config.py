@@ -11,9 +11,9 @@ from hydra.errors import ConfigCompositionException
 from launcher_utils import REPO, compose_config
 from omegaconf import MissingMandatoryValue, OmegaConf
 
+from framework.tracking import wandb_mode
 from launcher.config import CHECKPOINTS_DIR, run_dir
 from launcher.run import learning_rate, make_env, make_service
-from launcher.tracking import wandb_mode
 
 EXPERIMENTS = {"rl_math": "rl", "sl_chat": "sl", "dpo": "dpo", "distill": "distill", "pretrain_tiny": "pretrain"}
 

@@ -17,10 +17,10 @@ from launcher_utils import (  # noqa: F401  (fixtures)
     xla_cache,
 )
 
+from framework.tracking import read_metrics
 from launcher.jsonl import DataFileError
 from launcher.recipes.sl import load_chats
 from launcher.run import run
-from launcher.tracking import read_metrics
 
 MAIN_METRIC = {"rl_math": "reward/mean", "sl_chat": "loss", "dpo": "dpo/accuracy", "distill": "distill/reverse_kl"}
 EVAL_METRIC = {"rl_math": "eval/accuracy", "sl_chat": "eval/loss", "dpo": "eval/dpo_accuracy",

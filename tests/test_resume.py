@@ -14,8 +14,8 @@ from launcher_utils import (  # noqa: F401  (fixtures)
 )
 from safetensors.numpy import load_file
 
+from framework.tracking import read_metrics
 from launcher.run import run
-from launcher.tracking import read_metrics
 
 # kl_coef > 0 gives every sampled token a training signal, so the adapter changes at every step even
 # when a tiny random model never earns a reward.

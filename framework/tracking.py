@@ -1,4 +1,7 @@
-"""What a run leaves behind as it goes: `metrics.jsonl`, PNG curves, a W&B run and a progress bar.
+"""Experiment tracking for training loops: `metrics.jsonl`, PNG curves, a W&B run and a progress bar.
+
+`Tracker(run_dir, config=..., logger_cfg=LoggerConfig(), ...)` is what the launcher's driver uses, and
+any hand-written loop can use it the same way: `tracker.log(step, metrics)` per step, `close()` at the end.
 
 - `metrics.jsonl` holds one JSON object per step (`step`, then the recipe's metrics, `lr`, timings,
   `tokens/s`). A resumed run first drops the rows of steps after its checkpoint, so the file reads
@@ -19,6 +22,7 @@ import math
 import os
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,22 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
+
+
+@dataclass
+class WandbConfig:
+    mode: str | None = None  # offline | online | disabled; null: $WANDB_MODE if set, else offline
+    project: str = "tinker-jax"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    plot_every: int = 5  # redraw the PNG curves every this many steps (and at the end)
+    progress: bool = True  # progress bar with ETA on the terminal
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -47,7 +67,7 @@ def wandb_mode(configured: str | None) -> str:
 class Tracker:
     """Log per-step metrics to every sink; `close()` at the end (also on errors)."""
 
-    def __init__(self, run_dir: str | os.PathLike[str], *, config: Mapping[str, Any], logger_cfg: Any,
+    def __init__(self, run_dir: str | os.PathLike[str], *, config: Mapping[str, Any], logger_cfg: LoggerConfig,
                  name: str, total_steps: int, start_step: int, plot_keys: Sequence[str],
                  progress_key: str | None = None):
         self.run_dir = Path(run_dir)
@@ -73,7 +93,7 @@ class Tracker:
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return rows
 
-    def _init_wandb(self, cfg: Any, config: Mapping[str, Any], name: str) -> Any:
+    def _init_wandb(self, cfg: WandbConfig, config: Mapping[str, Any], name: str) -> Any:
         mode = wandb_mode(cfg.mode)
         if mode == "disabled":
             return None
