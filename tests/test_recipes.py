@@ -60,6 +60,13 @@ def test_recipe_end_to_end(experiment, model_path, xla_cache, tmp_path):  # noqa
     if experiment == "distill":
         assert "teacher/eval_accuracy" in rows[0] and (tmp_path / "run" / "teacher_adapter").is_dir()
         assert rows[-2][key] < rows[0][key]  # the student moves toward the teacher
+        # The saved teacher, given as distill.teacher_adapter, is the same teacher (nothing retrained).
+        teacher = tmp_path / "run" / "teacher_adapter"
+        again = compose_config(run_overrides(experiment, model_path, xla_cache, "max_steps=1", "save_every=0",
+                                             f"distill.teacher_adapter={teacher}"))
+        run(again, tmp_path / "again")
+        assert read_metrics(tmp_path / "again")[0]["teacher/eval_accuracy"] == rows[0]["teacher/eval_accuracy"]
+        assert not (tmp_path / "again" / "teacher_adapter").exists()
 
 
 def test_rl_math_learns(xla_cache, tmp_path):  # noqa: F811
