@@ -51,7 +51,7 @@ def adamw_step(
     params: LoraWeights, grads: LoraWeights, opt_state: Any, hp: AdamHyperparams
 ) -> tuple[LoraWeights, Any, dict[str, jax.Array]]:
     """One AdamW update; returns new params, new state and metrics (grad norm before clipping)."""
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     clip = jnp.where((hp.grad_clip_norm > 0) & (grad_norm > hp.grad_clip_norm),
                      hp.grad_clip_norm / jnp.maximum(grad_norm, 1e-30), 1.0)
     grads = jax.tree.map(lambda g: g * clip.astype(g.dtype), grads)
@@ -60,4 +60,4 @@ def adamw_step(
     opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, **hyper})
     updates, opt_state = _adamw().update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, {"grad_norm": grad_norm, "update_norm": optax.global_norm(updates)}
+    return params, opt_state, {"grad_norm": grad_norm, "update_norm": optax.tree.norm(updates)}
