@@ -81,6 +81,24 @@ def test_rl_math_learns(xla_cache, tmp_path):  # noqa: F811
     assert np.mean(rewards[-10:]) >= np.mean(rewards[:10]) + 0.1
 
 
+@pytest.mark.parametrize("loss_fn", ["ppo", "cispo"])
+def test_rl_other_losses_with_kl_to_base(loss_fn, model_path, xla_cache, tmp_path):  # noqa: F811
+    """PPO / CISPO train, and the KL penalty to the base model is measured: zero while the policy is the base."""
+    cfg = compose_config(run_overrides("rl_math", model_path, xla_cache, f"rl.loss_fn={loss_fn}", "rl.kl_coef=0.05",
+                                       "max_steps=2", "save_every=0", "logger=jsonl", "optim.learning_rate=0.01"))
+    run(cfg, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    assert abs(rows[0]["kl/base"]) < 1e-4  # step 0 samples from the base weights themselves
+    assert rows[1]["kl/base"] != rows[0]["kl/base"] and math.isfinite(rows[1]["kl/base"])
+    assert all(math.isfinite(r["loss"]) for r in rows[:-1])
+
+
+def test_rl_unknown_loss_is_named(model_path, xla_cache, tmp_path):  # noqa: F811
+    cfg = compose_config(run_overrides("rl_math", model_path, xla_cache, "rl.loss_fn=reinforce"))
+    with pytest.raises(ValueError, match=r"rl\.loss_fn must be one of"):
+        run(cfg, tmp_path / "run")
+
+
 @pytest.mark.parametrize(("line", "message"), [
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}', "not valid JSON"),
     ('{"messages": [{"role": "user"}]}', "expected"),
