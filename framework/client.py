@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from framework import checkpoints, types
-from framework.engine import Engine, EngineConfig, ForwardResult, SampleJob, SampleResult
+from framework.engine import Engine, EngineConfig, ForwardResult, SampleJob, SampleResult, TopK
 from framework.optim import AdamHyperparams
 from framework.scheduler import Scheduler
 from framework.validation import check_tokens, datums_to_arrays
@@ -46,6 +46,7 @@ U = TypeVar("U")
 
 _IO_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="tinker-jax-io")
 DEFAULT_HOME = Path(os.environ.get("TINKER_JAX_HOME", "~/.cache/tinker-jax")).expanduser()
+MAX_TOPK_LOGPROBS = 64  # top-k logprobs per position: [rows, positions, k] floats come back to the host
 
 
 class APIFuture(Generic[T]):
@@ -454,13 +455,18 @@ class SamplingClient:
         self._engine, self._scheduler = service._runtime.get(base_model)
 
     def sample(self, prompt: types.ModelInput, num_samples: int, sampling_params: types.SamplingParams,
-               include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0
+               include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, topk_sample_logprobs: int = 0
                ) -> APIFuture[types.SampleResponse]:
-        job = self._job(prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs)
+        """`num_samples` continuations of `prompt`, each with its tokens' logprobs; with
+        `topk_sample_logprobs=k` also the k most likely tokens at each sampled position, with
+        `include_prompt_logprobs` / `topk_prompt_logprobs=k` the same for the prompt's tokens."""
+        job = self._job(prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs,
+                        topk_sample_logprobs)
         future = self._scheduler.submit(self._engine.sample, job, batch_key=("sample",), rows=num_samples)
         return APIFuture(future, _to_sample_response)
 
-    def _job(self, prompt, num_samples, params, include_prompt_logprobs, topk_prompt_logprobs) -> SampleJob:
+    def _job(self, prompt, num_samples, params, include_prompt_logprobs, topk_prompt_logprobs, topk_sample_logprobs
+             ) -> SampleJob:
         engine = self._engine
         if not isinstance(prompt, types.ModelInput):
             raise ValueError(f"prompt must be a ModelInput, got {type(prompt).__name__}")
@@ -468,8 +474,9 @@ class SamplingClient:
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        if topk_prompt_logprobs < 0:
-            raise ValueError(f"topk_prompt_logprobs must be >= 0, got {topk_prompt_logprobs}")
+        for name, k in (("topk_prompt_logprobs", topk_prompt_logprobs), ("topk_sample_logprobs", topk_sample_logprobs)):
+            if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_TOPK_LOGPROBS:
+                raise ValueError(f"{name} must be an integer in [0, {MAX_TOPK_LOGPROBS}], got {k!r}")
         tokens = np.asarray(prompt.to_ints(), np.int64)
         check_tokens("prompt", tokens, engine.model_config.vocab_size)
         room = engine.max_seq_len - len(tokens)
@@ -490,6 +497,8 @@ class SamplingClient:
                          max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
                          top_k=params.top_k, seed=seed, stop_tokens=tuple(stop_tokens),
                          stop_strings=tuple(stop_strings), prompt_logprobs=include_prompt_logprobs,
+                         topk_prompt=min(topk_prompt_logprobs, engine.model_config.vocab_size),
+                         topk_sample=min(topk_sample_logprobs, engine.model_config.vocab_size),
                          decode=self._decoder() if stop_strings else None)
 
     def _decoder(self) -> Callable[[list[int]], str]:
@@ -552,7 +561,17 @@ def _to_output(result: ForwardResult) -> types.ForwardBackwardOutput:
 
 def _to_sample_response(result: SampleResult) -> types.SampleResponse:
     sequences = [types.SampledSequence(stop_reason=s.stop_reason, tokens=s.tokens, logprobs=s.logprobs,
+                                       topk_logprobs=None if s.topk is None else _topk_lists(s.topk),
                                        weights_version=result.version) for s in result.sequences]
     prompt_lp = None if result.prompt_logprobs is None else [
         None if np.isnan(x) else float(x) for x in result.prompt_logprobs]
-    return types.SampleResponse(sequences=sequences, prompt_logprobs=prompt_lp)
+    prompt_topk = None
+    if result.prompt_topk is not None:
+        prompt_topk = _topk_lists(result.prompt_topk)
+        prompt_topk[0] = None  # nothing predicts the first token
+    return types.SampleResponse(sequences=sequences, prompt_logprobs=prompt_lp, topk_prompt_logprobs=prompt_topk)
+
+
+def _topk_lists(topk: TopK) -> list[list[tuple[int, float]] | None]:
+    return [list(zip(ids, lps, strict=True)) for ids, lps in zip(topk.ids.tolist(), topk.logprobs.tolist(),
+                                                                 strict=True)]

@@ -104,6 +104,8 @@ class SampleJob:
     stop_tokens: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     prompt_logprobs: bool = False
+    topk_prompt: int = 0  # > 0: the k most likely tokens at each prompt position
+    topk_sample: int = 0  # > 0: the k most likely tokens at each sampled position
     decode: Callable[[list[int]], str] | None = None  # tokenizer decode, needed for stop strings
 
 
@@ -112,6 +114,15 @@ class SampledRow:
     tokens: list[int]
     logprobs: list[float]
     stop_reason: str  # "stop" | "length"
+    topk: TopK | None = None  # per sampled token, with `topk_sample`
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK:
+    """The k most likely tokens at each of n positions, most likely first (raw model logprobs)."""
+
+    ids: np.ndarray  # [n, k] int32
+    logprobs: np.ndarray  # [n, k] float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +130,7 @@ class SampleResult:
     sequences: list[SampledRow]
     prompt_logprobs: np.ndarray | None  # [n], NaN for the first token
     version: int
+    prompt_topk: TopK | None = None  # [n, k]; row 0 (no prediction for the first token) is unused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +171,8 @@ class Engine:
         self._optim = jax.jit(self._optim_impl, donate_argnames=("weights", "grads", "opt_state"))
         self._custom_steps: dict[Any, Callable] = {}
         self._custom_seen: collections.Counter[Any] = collections.Counter()
-        self._sample = jax.jit(self._sample_impl, static_argnames=("max_new", "capacity"))
+        self._sample = jax.jit(self._sample_impl, static_argnames=("max_new", "capacity", "topk"))
+        self._topk = jax.jit(self._topk_impl, static_argnames=("k",))
 
     # ----------------------------------------------------------------------------------- adapters
     def create_adapter(self, *, rank: int, seed: int = 0, targets: Sequence[str] = ALL_TARGETS,
@@ -434,23 +447,56 @@ class Engine:
 
     def snapshot_logprobs(self, requests: Sequence[tuple[str, np.ndarray]]) -> list[np.ndarray]:
         """log p(token_t | tokens_<t) for each `(snapshot_id, tokens [n])`; the first entry is NaN."""
-        slots = self._sampler_slots([sid for sid, _ in requests])
         datums = [DatumArrays(t, {"target_tokens": np.append(t[1:], 0), "weights": np.zeros(len(t), np.float32)})
                   for _, t in requests]
         batch = self._pack(datums, ("target_tokens", "weights"))
-        b = batch["tokens"].shape[0]
-        sampler_slots = sorted(set(slots.values()))
-        g = bucket(len(sampler_slots))
-        used = np.full((g,), NULL_SLOT, np.int32)
-        used[: len(sampler_slots)] = sampler_slots
-        local = {s: i for i, s in enumerate(sampler_slots)}
-        row_slots = np.zeros((b,), np.int32)
-        row_slots[: len(requests)] = [local[slots[sid]] for sid, _ in requests]
+        used, row_slots = self._snapshot_rows([sid for sid, _ in requests], batch["tokens"].shape[0])
         logprobs, _, _ = self._fwd(self._base, self._sampler_bank.weights, self._sampler_bank.scales, used, row_slots,
                                    batch["tokens"], batch["inputs"], {}, loss_name="cross_entropy")
         logprobs = np.asarray(logprobs)
         return [np.concatenate([[np.nan], logprobs[i, : len(t) - 1]]).astype(np.float32)
                 for i, (_, t) in enumerate(requests)]
+
+    def snapshot_topk(self, requests: Sequence[tuple[str, np.ndarray]], k: int) -> list[TopK]:
+        """The k most likely tokens at each position t ≥ 1 of each `(snapshot_id, tokens [n])`, given
+        tokens_<t; row 0 (nothing predicts the first token) holds token 0 with logprob -inf."""
+        n = max(len(t) for _, t in requests)
+        if n > self.max_seq_len:
+            raise ValueError(f"sequence length {n} exceeds the engine's max_seq_len {self.max_seq_len}")
+        tokens = np.zeros((bucket(len(requests)), bucket(n, self.config.min_seq_bucket)), np.int32)
+        for i, (_, t) in enumerate(requests):
+            tokens[i, : len(t)] = t
+        used, row_slots = self._snapshot_rows([sid for sid, _ in requests], tokens.shape[0])
+        kb = min(bucket(k, 4), self.model_config.vocab_size)
+        ids, logprobs = self._topk(self._base, self._sampler_bank.weights, self._sampler_bank.scales, used,
+                                   row_slots, tokens, k=kb)
+        ids, logprobs = np.asarray(ids)[..., :k], np.asarray(logprobs)[..., :k]
+        out = []
+        for i, (_, t) in enumerate(requests):
+            row_ids = np.concatenate([np.zeros((1, k), np.int32), ids[i, : len(t) - 1]])
+            row_lps = np.concatenate([np.full((1, k), -np.inf, np.float32), logprobs[i, : len(t) - 1]])
+            out.append(TopK(row_ids, row_lps))
+        return out
+
+    def _topk_impl(self, base, weights, scales, used, row_slots, tokens, *, k):
+        self.compile_counts["topk"] += 1
+        model = nnx.merge(self._graphdef, base)
+        bank = LoraBank(jax.tree.map(lambda w: w[:, used], weights), scales[used])
+        logits = model(tokens, hook=make_hook(bank, row_slots)).astype(jnp.float32)
+        values, ids = jax.lax.top_k(logits, k)
+        return ids, values - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+    def _snapshot_rows(self, snapshot_ids: Sequence[str], rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Load the snapshots into the sampler bank; `used` (its slots, padded to a power of two) and
+        each row's index into `used` (padding rows read the first)."""
+        slots = self._sampler_slots(snapshot_ids)
+        sampler_slots = sorted({slots[sid] for sid in snapshot_ids})
+        used = np.full((bucket(len(sampler_slots)),), NULL_SLOT, np.int32)
+        used[: len(sampler_slots)] = sampler_slots
+        local = {s: i for i, s in enumerate(sampler_slots)}
+        row_slots = np.zeros((rows,), np.int32)
+        row_slots[: len(snapshot_ids)] = [local[slots[sid]] for sid in snapshot_ids]
+        return used, row_slots
 
     # ---------------------------------------------------------------------------------- sampling
     def sample(self, jobs: Sequence[SampleJob]) -> list[SampleResult]:
@@ -458,11 +504,12 @@ class Engine:
         for job in jobs:
             if job.snapshot_id not in self.snapshots:
                 raise KeyError(f"unknown sampler snapshot {job.snapshot_id!r}")
-        slots = self._sampler_slots([j.snapshot_id for j in jobs])
         rows = [(j, i) for j in jobs for i in range(j.num_samples)]
         b = bucket(len(rows))
         t = bucket(max(len(j.prompt) for j in jobs), self.config.min_seq_bucket)
         max_new = bucket(max(j.max_tokens for j in jobs), 16)
+        k = max(j.topk_sample for j in jobs)
+        topk = min(bucket(k, 4), self.model_config.vocab_size) if k else 0  # few distinct compiled shapes
         m = bucket(max([len(j.stop_tokens) for j in jobs] + [1]), 4)
         tokens = np.zeros((b, t), np.int32)
         lengths = np.ones((b,), np.int32)
@@ -471,26 +518,27 @@ class Engine:
         stop_tokens = np.full((b, m), -1, np.int32)
         keys = [sample_keys(j.seed, j.num_samples) for j in jobs]
         keys = jnp.concatenate([*keys, sample_keys(0, b - len(rows))] if b > len(rows) else keys)
-        snapshot_slots = sorted({slots[j.snapshot_id] for j in jobs})
-        used = np.full((bucket(len(snapshot_slots)),), NULL_SLOT, np.int32)
-        used[: len(snapshot_slots)] = snapshot_slots
-        local = {s: i for i, s in enumerate(snapshot_slots)}
-        row_slots = np.zeros((b,), np.int32)
+        used, row_slots = self._snapshot_rows([j.snapshot_id for j, _ in rows], b)
         for r, (j, _) in enumerate(rows):
             tokens[r, : len(j.prompt)] = j.prompt
             lengths[r] = len(j.prompt)
             temperature[r], top_p[r], top_k[r], max_tokens[r] = j.temperature, j.top_p, j.top_k, j.max_tokens
             stop_tokens[r, : len(j.stop_tokens)] = j.stop_tokens
-            row_slots[r] = local[slots[j.snapshot_id]]
         params = RowParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, keys=keys,
                            stop_tokens=stop_tokens)
         out = self._sample(self._base, self._sampler_bank.weights, self._sampler_bank.scales, used, row_slots,
-                           tokens, lengths, params, max_new=max_new, capacity=t + max_new)
+                           tokens, lengths, params, max_new=max_new, capacity=t + max_new, topk=topk)
         out_tokens, out_logprobs = np.asarray(out.tokens), np.asarray(out.logprobs)
         num_tokens, hit_stop = np.asarray(out.num_tokens), np.asarray(out.hit_stop_token)
-        prompt_lps = dict(zip([id(j) for j in jobs if j.prompt_logprobs], self.snapshot_logprobs(
-            [(j.snapshot_id, j.prompt) for j in jobs if j.prompt_logprobs]), strict=True)) if any(
-            j.prompt_logprobs for j in jobs) else {}
+        if topk:
+            topk_ids, topk_logprobs = np.asarray(out.topk_ids), np.asarray(out.topk_logprobs)
+        with_lps = [j for j in jobs if j.prompt_logprobs]
+        prompt_lps = dict(zip(map(id, with_lps), self.snapshot_logprobs([(j.snapshot_id, j.prompt) for j in with_lps])
+                              if with_lps else [], strict=True))
+        with_topk = [j for j in jobs if j.topk_prompt]
+        prompt_topk = dict(zip(map(id, with_topk), self.snapshot_topk(
+            [(j.snapshot_id, j.prompt) for j in with_topk], max(j.topk_prompt for j in with_topk))
+            if with_topk else [], strict=True))
         results, r = [], 0
         for j in jobs:
             sequences = []
@@ -501,13 +549,19 @@ class Engine:
                     keep, hit = truncate_at_stop_strings(ids, list(j.stop_strings), j.decode)
                     if hit:
                         n, stopped, ids = keep, True, ids[:keep]
-                sequences.append(SampledRow(ids, out_logprobs[r, :n].tolist(), "stop" if stopped else "length"))
+                top = (TopK(topk_ids[r, :n, : j.topk_sample], topk_logprobs[r, :n, : j.topk_sample])
+                       if j.topk_sample else None)
+                sequences.append(SampledRow(ids, out_logprobs[r, :n].tolist(), "stop" if stopped else "length", top))
                 r += 1
-            results.append(SampleResult(sequences, prompt_lps.get(id(j)), self.snapshots[j.snapshot_id].version))
+            top = prompt_topk.get(id(j))
+            if top is not None:
+                top = TopK(top.ids[:, : j.topk_prompt], top.logprobs[:, : j.topk_prompt])
+            results.append(SampleResult(sequences, prompt_lps.get(id(j)), self.snapshots[j.snapshot_id].version, top))
         return results
 
-    def _sample_impl(self, base, weights, scales, used, row_slots, tokens, lengths, params, *, max_new, capacity):
+    def _sample_impl(self, base, weights, scales, used, row_slots, tokens, lengths, params, *, max_new, capacity,
+                     topk):
         self.compile_counts["sample"] += 1
         model = nnx.merge(self._graphdef, base)
         hook = make_hook(LoraBank(jax.tree.map(lambda w: w[:, used], weights), scales[used]), row_slots)
-        return generate(model, hook, tokens, lengths, params, max_new=max_new, capacity=capacity)
+        return generate(model, hook, tokens, lengths, params, max_new=max_new, capacity=capacity, topk_logprobs=topk)

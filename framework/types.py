@@ -474,6 +474,8 @@ class SampledSequence(_Response):
     logprobs: list[float] | None = None
     sequence_id: str | None = None
     """The SDK's client stamps a session-scoped id here; None until something assigns one."""
+    topk_logprobs: list[list[tuple[int, float]] | None] | None = None
+    """With `topk_sample_logprobs=k`: per sampled token, the k most likely `(token_id, logprob)`."""
 
     # --- extensions (see EXTENSIONS) ---
     weights_version: int | None = None

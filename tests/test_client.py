@@ -482,6 +482,43 @@ def test_sampled_logprobs_equal_compute_logprobs_and_forward(trained):
         np.testing.assert_allclose(lp[len(prompt) - 1:], s.logprobs, atol=1e-4)
 
 
+def test_topk_logprobs_of_samples_and_prompt(trained):
+    """Top-k lists are the model's most likely tokens with their logprobs (checked token by token with
+    `compute_logprobs`), and asking for them changes nothing else in the sample."""
+    sampler = trained.save_weights_and_get_sampling_client()
+    k, kp = 5, 3
+    plain = sampler.sample(PROMPT, 2, params(seed=9)).result()
+    result = sampler.sample(PROMPT, 2, params(seed=9), include_prompt_logprobs=True, topk_prompt_logprobs=kp,
+                            topk_sample_logprobs=k).result()
+    assert plain.topk_prompt_logprobs is None and all(s.topk_logprobs is None for s in plain.sequences)
+    assert [(s.tokens, s.logprobs) for s in result.sequences] == [(s.tokens, s.logprobs) for s in plain.sequences]
+
+    prompt = PROMPT.to_ints()
+    checks = []  # (context, candidate token, its top-k logprob)
+
+    def check_topk(entry, token, logprob, context, width):
+        ids = [i for i, _ in entry]
+        lps = [lp for _, lp in entry]
+        assert len(entry) == width and len(set(ids)) == width and lps == sorted(lps, reverse=True)
+        if token in ids:  # the token's own logprob is its entry; if absent, it is below all of them
+            assert lps[ids.index(token)] == pytest.approx(logprob, abs=1e-4)
+        else:
+            assert logprob <= lps[-1] + 1e-4
+        checks.extend((context, i, lp) for i, lp in entry)
+
+    for s in result.sequences:
+        assert len(s.topk_logprobs) == len(s.tokens)
+        for t, (entry, token, lp) in enumerate(zip(s.topk_logprobs, s.tokens, s.logprobs, strict=True)):
+            check_topk(entry, token, lp, prompt + s.tokens[:t], k)
+    assert result.topk_prompt_logprobs[0] is None and len(result.topk_prompt_logprobs) == len(prompt)
+    for t in range(1, len(prompt)):
+        check_topk(result.topk_prompt_logprobs[t], prompt[t], result.prompt_logprobs[t], prompt[:t], kp)
+    checks = checks[:: max(1, len(checks) // 40)]  # a spread of ~40 entries, each scored independently
+    futures = [sampler.compute_logprobs(types.ModelInput.from_ints([*ctx, i])) for ctx, i, _ in checks]
+    for (_, _, lp), f in zip(checks, futures, strict=True):
+        assert f.result()[-1] == pytest.approx(lp, abs=1e-4)
+
+
 def test_sampler_keeps_its_snapshot_after_optim_step(tenants):
     client = tenants.new(seed=22)
     data = batch(7)
@@ -627,6 +664,10 @@ BAD_INPUT = {
     "num_samples_zero": (_sample([5, 6], num_samples=0, max_tokens=4), r"num_samples must be a positive integer"),
     "prompt_token_above_vocab": (_sample([5, VOCAB + 3], max_tokens=4),
                                  r"prompt\[1\] = 304 is outside the vocabulary"),
+    "topk_sample_negative": (lambda c, s, b: c.save_weights_and_get_sampling_client().sample(
+        PROMPT, 1, params(), topk_sample_logprobs=-1), r"topk_sample_logprobs must be an integer in \[0, 64\], got -1"),
+    "topk_prompt_too_large": (lambda c, s, b: c.save_weights_and_get_sampling_client().sample(
+        PROMPT, 1, params(), topk_prompt_logprobs=65), r"topk_prompt_logprobs must be an integer in \[0, 64\], got 65"),
     "stop_token_above_vocab": (_sample([5, 6], max_tokens=4, stop=[VOCAB]),
                                r"sampling_params.stop token 301 is outside the vocabulary"),
     "prompt_too_long_for_context": (_sample([5] * (CONTEXT - 3), max_tokens=10),
