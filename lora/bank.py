@@ -17,6 +17,7 @@ maximum rank, `scale[s] = alpha / rank` of the adapter in slot s (0 for an empty
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 
 import jax
@@ -122,16 +123,31 @@ def read_slot(bank: LoraBank, slot: jax.Array | int) -> LoraWeights:
 
 
 def make_hook(bank: LoraBank, slot_ids: jax.Array) -> LinearHook:
-    """A `LinearHook` adding each row's adapter: `slot_ids [B]` picks the slot of every batch row."""
+    """A `LinearHook` adding each row's adapter: `slot_ids [B]` picks the slot of every batch row.
+
+    Two evaluations of the same sum, chosen per call from the (static) shapes:
+    - several tokens per row (training, prefill): gather each row's `A`/`B` and run batched matmuls,
+      reading B copies of the adapter once for all the row's tokens;
+    - one token per row (a decode step): multiply by every slot's `A`/`B` and keep each row's own
+      slot through a one-hot weight, reading each slot once instead of once per row. The extra
+      FLOPs (× number of slots, on a single token) cost far less than B gathered adapter copies.
+    """
     scales = bank.scales[slot_ids]
+    one_hot = jax.nn.one_hot(slot_ids, bank.num_slots, dtype=jnp.float32) * bank.scales[None, :]  # [B, S]
 
     def hook(layer: int, target: str, x: jax.Array, y: jax.Array) -> jax.Array:
         ab = bank.weights.get(target)
         if ab is None:
             return y
         li = 0 if layer == UNEMBED_LAYER else layer
-        a, b = ab["a"][li][slot_ids], ab["b"][li][slot_ids]  # [B, d_in, R], [B, R, d_out]
-        h = jnp.einsum("b...i,bir->b...r", x.astype(a.dtype), a)
+        a, b = ab["a"][li], ab["b"][li]  # [S, d_in, R], [S, R, d_out]
+        x = x.astype(a.dtype)
+        if math.prod(x.shape[1:-1]) == 1:
+            h = jnp.einsum("b...i,sir->b...sr", x, a)
+            h = h * one_hot.reshape(one_hot.shape[:1] + (1,) * (h.ndim - 3) + (-1, 1)).astype(h.dtype)
+            return y + jnp.einsum("b...sr,sro->b...o", h, b).astype(y.dtype)
+        a, b = a[slot_ids], b[slot_ids]  # [B, d_in, R], [B, R, d_out]
+        h = jnp.einsum("b...i,bir->b...r", x, a)
         h = h * scales.reshape((-1,) + (1,) * (h.ndim - 1)).astype(h.dtype)
         return y + jnp.einsum("b...r,bro->b...o", h, b).astype(y.dtype)
 
