@@ -134,13 +134,14 @@ def make_hook(bank: LoraBank, slot_ids: jax.Array) -> LinearHook:
     """
     scales = bank.scales[slot_ids]
     one_hot = jax.nn.one_hot(slot_ids, bank.num_slots, dtype=jnp.float32) * bank.scales[None, :]  # [B, S]
+    # Split by layer here, once: inside a decode loop, slicing the stacked arrays in every step copies them.
+    layers = {t: (list(ab["a"]), list(ab["b"])) for t, ab in bank.weights.items()}
 
     def hook(layer: int, target: str, x: jax.Array, y: jax.Array) -> jax.Array:
-        ab = bank.weights.get(target)
-        if ab is None:
+        if target not in layers:
             return y
         li = 0 if layer == UNEMBED_LAYER else layer
-        a, b = ab["a"][li], ab["b"][li]  # [S, d_in, R], [S, R, d_out]
+        a, b = layers[target][0][li], layers[target][1][li]  # [S, d_in, R], [S, R, d_out]
         x = x.astype(a.dtype)
         if math.prod(x.shape[1:-1]) == 1:
             h = jnp.einsum("b...i,sir->b...sr", x, a)

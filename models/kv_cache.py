@@ -1,7 +1,8 @@
 """Fixed-capacity KV cache: prefill a right-padded prompt batch, then decode one token per row per step.
 
-The cache holds keys and values for every layer, `[L, B, C, K, H]` (C = capacity), and each row's
-fill level `lengths [B]`. Row b's next token sits at position `lengths[b]`: decoding writes its
+The cache holds keys and values as one array per layer, head-major `[B, K, C, H]` (C = capacity):
+the layout attention reads, so a decode step neither transposes nor slices the cache. Each row's
+fill level is `lengths [B]`. Row b's next token sits at position `lengths[b]`: decoding writes its
 key/value there and attends to slots `0..lengths[b]`, so rows of different prompt lengths decode
 together without any shifting. Prefill writes the whole padded prompt; slots past a row's length
 hold pad garbage that the mask hides and later steps overwrite.
@@ -20,24 +21,26 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.transformer import LinearHook, Transformer, attention, causal_mask
+from models.transformer import LinearHook, Transformer, attention, attention_to_head_major_kv, causal_mask
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    keys: jax.Array  # [L, B, C, K, H]
-    values: jax.Array  # [L, B, C, K, H]
+    keys: tuple[jax.Array, ...]  # per layer [B, K, C, H]
+    values: tuple[jax.Array, ...]  # per layer [B, K, C, H]
     lengths: jax.Array  # [B] int32: number of positions filled per row
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, capacity: int, dtype: jnp.dtype) -> KVCache:
-        shape = (config.num_layers, batch, capacity, config.num_kv_heads, config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+        shape = (batch, config.num_kv_heads, capacity, config.head_dim)
+        layers = range(config.num_layers)
+        return cls(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   jnp.zeros((batch,), jnp.int32))
 
     @property
     def capacity(self) -> int:
-        return self.keys.shape[2]
+        return self.keys[0].shape[2]
 
 
 def prefill(
@@ -66,11 +69,11 @@ def prefill(
         return attention(q, k, v, mask)
 
     hidden = model.hidden_states(tokens, hook=hook, attend_fns=[attend] * model.config.num_layers)
-    cache = KVCache(
-        keys=jax.lax.dynamic_update_slice(cache.keys, jnp.stack(keys).astype(cache.keys.dtype), (0,) * 5),
-        values=jax.lax.dynamic_update_slice(cache.values, jnp.stack(values).astype(cache.values.dtype), (0,) * 5),
-        lengths=lengths.astype(jnp.int32),
-    )
+    def fill(buffers: tuple[jax.Array, ...], layers: list[jax.Array]) -> tuple[jax.Array, ...]:
+        return tuple(jax.lax.dynamic_update_slice(buf, x.transpose(0, 2, 1, 3).astype(buf.dtype), (0,) * 4)
+                     for buf, x in zip(buffers, layers, strict=True))
+
+    cache = KVCache(keys=fill(cache.keys, keys), values=fill(cache.values, values), lengths=lengths.astype(jnp.int32))
     if all_logits:
         return model.logits(hidden, hook=hook), cache
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
@@ -90,19 +93,20 @@ def decode_step(
     rows = jnp.arange(b)
     mask = (jnp.arange(capacity)[None, :] <= pos[:, None])[:, None, :]  # [B, 1, C]
     # Updated in place layer by layer (the buffers are donated under jit), never copied whole.
-    buffers = {"keys": cache.keys, "values": cache.values}
+    keys, values = list(cache.keys), list(cache.values)
 
     def make_attend(i: int):
         def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-            buffers["keys"] = buffers["keys"].at[i, rows, pos].set(k[:, 0].astype(cache.keys.dtype))
-            buffers["values"] = buffers["values"].at[i, rows, pos].set(v[:, 0].astype(cache.values.dtype))
-            return attention(q, buffers["keys"][i], buffers["values"][i], mask)
+            # (rows, pos) are advanced indices around a slice: the update is [B, K, H]
+            keys[i] = keys[i].at[rows, :, pos].set(k[:, 0].astype(keys[i].dtype))
+            values[i] = values[i].at[rows, :, pos].set(v[:, 0].astype(values[i].dtype))
+            return attention_to_head_major_kv(q, keys[i], values[i], mask)
 
         return attend
 
     attend_fns = [make_attend(i) for i in range(model.config.num_layers)]
     hidden = model.hidden_states(tokens[:, None], pos[:, None], hook=hook, attend_fns=attend_fns)
-    new_cache = KVCache(buffers["keys"], buffers["values"], cache.lengths + 1)
+    new_cache = KVCache(tuple(keys), tuple(values), cache.lengths + 1)
     return model.logits(hidden[:, 0], hook=hook), new_cache
 
 

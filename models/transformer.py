@@ -100,6 +100,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return _from_head_major(_attend_head_major(qg, kt, vt, mask))
 
 
+def attention_to_head_major_kv(q: jax.Array, kt: jax.Array, vt: jax.Array, mask: jax.Array) -> jax.Array:
+    """`attention` with keys/values already head-major, `[B, K, S, H]` (the KV cache's layout), so a
+    decode step reads the cache as it lies instead of transposing all of it in every layer."""
+    b, t, n, h = q.shape
+    kv_heads = kt.shape[1]
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
+    return _from_head_major(_attend_head_major(qg, kt, vt, mask))
+
+
 def _head_major(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q `[B, T, N, H]` -> `[B, K, G, T, H]` (G = N/K), k/v `[B, S, K, H]` -> `[B, K, S, H]`.
 
