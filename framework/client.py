@@ -475,7 +475,7 @@ class SamplingClient:
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         for name, k in (("topk_prompt_logprobs", topk_prompt_logprobs), ("topk_sample_logprobs", topk_sample_logprobs)):
-            if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_TOPK_LOGPROBS:
+            if not isinstance(k, int | np.integer) or isinstance(k, bool) or not 0 <= k <= MAX_TOPK_LOGPROBS:
                 raise ValueError(f"{name} must be an integer in [0, {MAX_TOPK_LOGPROBS}], got {k!r}")
         tokens = np.asarray(prompt.to_ints(), np.int64)
         check_tokens("prompt", tokens, engine.model_config.vocab_size)

@@ -140,6 +140,13 @@ class ForwardResult:
     metrics: dict[str, float]
 
 
+def _require_finite(weights: LoraWeights, what: str, hint: str) -> None:
+    """Refuse NaN/inf adapter weights before they reach the sampler bank: a decode step multiplies
+    every slot of the batch (`lora.make_hook`), so one tenant's NaN would reach every row."""
+    if not all(bool(jnp.isfinite(w).all()) for w in jax.tree.leaves(weights)):
+        raise ValueError(f"{what} has non-finite weights (NaN or inf); {hint}")
+
+
 def bucket(n: int, minimum: int = 1) -> int:
     """Smallest power of two ≥ max(n, minimum)."""
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
@@ -409,6 +416,8 @@ class Engine:
         snapshot_id = f"{adapter_id}@{adapter.step}"
         if snapshot_id not in self.snapshots:
             weights = jax.tree.map(jnp.copy, self.adapter_weights(adapter_id))
+            _require_finite(weights, f"adapter {adapter_id!r} at step {adapter.step}",
+                            "training diverged: lower the learning rate or load an earlier checkpoint")
             self.snapshots[snapshot_id] = Snapshot(snapshot_id, adapter_id, adapter.step, weights, adapter.scale)
         return self.snapshots[snapshot_id]
 
@@ -416,6 +425,7 @@ class Engine:
                      adapter_id: str | None = None) -> Snapshot:
         """Register externally loaded sampler weights (e.g. a saved checkpoint) as a snapshot."""
         weights = jax.tree.map(lambda w: jnp.asarray(w, self.config.dtype), weights)
+        _require_finite(weights, f"sampler weights {snapshot_id!r}", "the saved adapter is corrupt")
         self.snapshots[snapshot_id] = Snapshot(snapshot_id, adapter_id, version, weights, scale)
         return self.snapshots[snapshot_id]
 
@@ -460,6 +470,7 @@ class Engine:
     def snapshot_topk(self, requests: Sequence[tuple[str, np.ndarray]], k: int) -> list[TopK]:
         """The k most likely tokens at each position t ≥ 1 of each `(snapshot_id, tokens [n])`, given
         tokens_<t; row 0 (nothing predicts the first token) holds token 0 with logprob -inf."""
+        k = min(k, self.model_config.vocab_size)
         n = max(len(t) for _, t in requests)
         if n > self.max_seq_len:
             raise ValueError(f"sequence length {n} exceeds the engine's max_seq_len {self.max_seq_len}")

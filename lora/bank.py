@@ -131,6 +131,8 @@ def make_hook(bank: LoraBank, slot_ids: jax.Array) -> LinearHook:
     - one token per row (a decode step): multiply by every slot's `A`/`B` and keep each row's own
       slot through a one-hot weight, reading each slot once instead of once per row. The extra
       FLOPs (× number of slots, on a single token) cost far less than B gathered adapter copies.
+      Every slot of the bank then touches every row (0 · NaN = NaN), so banks used this way must
+      hold finite weights: the engine refuses non-finite sampler snapshots.
     """
     scales = bank.scales[slot_ids]
     one_hot = jax.nn.one_hot(slot_ids, bank.num_slots, dtype=jnp.float32) * bank.scales[None, :]  # [B, S]

@@ -491,7 +491,9 @@ def test_topk_logprobs_of_samples_and_prompt(trained):
     result = sampler.sample(PROMPT, 2, params(seed=9), include_prompt_logprobs=True, topk_prompt_logprobs=kp,
                             topk_sample_logprobs=k).result()
     assert plain.topk_prompt_logprobs is None and all(s.topk_logprobs is None for s in plain.sequences)
-    assert [(s.tokens, s.logprobs) for s in result.sequences] == [(s.tokens, s.logprobs) for s in plain.sequences]
+    assert [s.tokens for s in result.sequences] == [s.tokens for s in plain.sequences]
+    for s, p in zip(result.sequences, plain.sequences, strict=True):
+        np.testing.assert_allclose(s.logprobs, p.logprobs, atol=1e-6)  # two compiled programs
 
     prompt = PROMPT.to_ints()
     checks = []  # (context, candidate token, its top-k logprob)
@@ -517,6 +519,29 @@ def test_topk_logprobs_of_samples_and_prompt(trained):
     futures = [sampler.compute_logprobs(types.ModelInput.from_ints([*ctx, i])) for ctx, i, _ in checks]
     for (_, _, lp), f in zip(checks, futures, strict=True):
         assert f.result()[-1] == pytest.approx(lp, abs=1e-4)
+
+
+def test_a_diverged_adapter_cannot_reach_the_sampler(tenants, engine):
+    """A decode step multiplies every snapshot in the batch, so NaN weights would reach other tenants'
+    rows: publishing non-finite weights is refused with an error that says what happened."""
+    other = tenants.new(seed=40)
+    sampler = other.save_weights_and_get_sampling_client()
+    before = sampler.sample(PROMPT, 2, params(seed=3)).result()
+    client = tenants.new(seed=41)
+    data = batch(3)
+    for _ in range(4):  # an absurd learning rate: the weights overflow, then turn NaN
+        client.forward_backward(data, "cross_entropy")
+        client.optim_step(types.AdamParams(learning_rate=1e38)).result()
+    assert not all(np.isfinite(w).all() for w in jax.tree.leaves(weights(client)))
+    with pytest.raises(ValueError, match=r"adapter .* at step 4 has non-finite weights \(NaN or inf\); training "
+                                         r"diverged"):
+        client.save_weights_and_get_sampling_client()
+    bad = jax.tree.map(lambda w: np.full(w.shape, np.nan, np.float32), weights(other))
+    with pytest.raises(ValueError, match=r"sampler weights 'corrupt' has non-finite weights"):
+        engine.add_snapshot("corrupt", bad, 1.0, 0)
+    assert "corrupt" not in engine.snapshots
+    after = sampler.sample(PROMPT, 2, params(seed=3)).result()
+    assert [s.tokens for s in after.sequences] == [s.tokens for s in before.sequences]
 
 
 def test_sampler_keeps_its_snapshot_after_optim_step(tenants):

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 from launcher_utils import (  # noqa: F401  (fixtures)
+    SHORT,
     _restore_jax_cache_config,
     compose_config,
     model_path,
@@ -129,3 +130,26 @@ def test_cli_multirun_gives_each_job_its_own_directory(model_path, xla_cache, tm
         adapter = json.loads((job / "final_adapter" / "adapter_config.json").read_text())
         assert adapter["r"] == rank
         assert [r["step"] for r in read_metrics(job)] == [0, 1]
+
+
+@pytest.mark.parametrize(("model", "spec", "experiment"), [
+    ("llama3_2_1b", "llama3_rope_scaling", "rl_math"),
+    ("qwen2_5_0_5b", "qwen2_tied", "sl_chat"),
+])
+def test_named_model_groups_train_a_hugging_face_checkpoint(
+        model, spec, experiment, tiny_checkpoint, xla_cache, tmp_path):  # noqa: F811
+    """`model=<name> model.path=<dir>` loads another architecture's checkpoint through the same path a real
+    Llama 3 / Qwen2.5 takes (here tiny random ones with their own tokenizer and chat template)."""
+    path = tiny_checkpoint(spec)
+    cfg = compose_config([f"+experiment={experiment}", f"model={model}", f"model.path={path}",
+                          f"compilation_cache={xla_cache}", "logger.progress=false", "logger=jsonl",
+                          *SHORT[experiment], "max_steps=2", "save_every=0"])
+    assert cfg.model.name == model and cfg.model.dtype == "auto"
+    run(cfg, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all(math.isfinite(r["loss"]) for r in rows[:-1] if "loss" in r)
+    adapter = json.loads((tmp_path / "run" / "final_adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(path)
+    modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert modules <= set(adapter["target_modules"])
