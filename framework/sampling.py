@@ -10,9 +10,11 @@ bank's `LinearHook` (or None for the base model). What is unusual, and why:
 - The logprob reported for a sampled token is the raw model log-probability (log-softmax of the
   fp32 logits before temperature and truncation): exactly what a training forward pass computes
   for the same sequence, which is what importance-sampling / PPO losses need.
-- Top-k / top-p need a sort over the vocabulary; a `lax.cond` skips it when no row of the batch
-  asks for truncation (the common RL case: temperature 1, no top-k/top-p). Measured on CPU at
-  B=8, V=151936: 63 ms per token choice without the sort, 630-660 ms with it.
+- Top-k / top-p are decided on the `CANDIDATES` most likely tokens of each row (`lax.top_k`), not
+  on a sort of the whole vocabulary, whenever that is exact: every truncating row has top-k ≤
+  `CANDIDATES`, or its nucleus closes inside them. Otherwise (a very flat distribution, a huge
+  top-k) a `lax.cond` falls back to the full sort. On CPU at V=151936 the sort takes ~290 ms for
+  8 rows (2.4 s for 64), `top_k(1024)` 6 ms (52 ms). A batch with no truncating row skips both.
 - The loop exits as soon as every row is done (stop token emitted or budget spent). Rows that are
   done keep riding along in the batch (their tokens are masked to 0) until then.
 
@@ -102,21 +104,53 @@ def sample_keys(seed: int, num_samples: int) -> jax.Array:
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(root, jnp.arange(num_samples, dtype=jnp.uint32))
 
 
+CANDIDATES = 1024
+"""Tokens per row among which top-k / top-p are decided when that is exact (see the module doc)."""
+
+
 def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """Set `logits [B, V]` outside each row's top-k, then nucleus (top-p), to -inf.
 
     Top-p keeps the smallest set of most likely tokens whose probability (after top-k) reaches
     `top_p`, and always the most likely token. Tokens tied with the last kept one are kept too.
+    Decided on the `CANDIDATES` most likely tokens when that gives the same answer, else on a sort
+    of the whole vocabulary.
     """
     v = logits.shape[-1]
-    ranked = jnp.sort(logits, axis=-1, descending=True)  # [B, V]
-    rank = jnp.arange(v)[None, :]
+    if v <= CANDIDATES:
+        return _filter_ranked(logits, jnp.sort(logits, axis=-1, descending=True), top_k, top_p)
+    top, _ = jax.lax.top_k(logits, CANDIDATES)  # [B, C], descending
+    # Where top-k is off, the nucleus is measured against the whole vocabulary's probability mass.
+    logz = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    mass = jnp.sum(jnp.exp(top - logz), axis=-1)  # of the candidates, in the untruncated distribution
+    exact = (top_k <= 0) & ((top_p >= 1.0) | (mass >= top_p)) | (top_k > 0) & (top_k <= CANDIDATES)
+    return jax.lax.cond(
+        jnp.all(exact),
+        lambda x: _filter_ranked(x, top, top_k, top_p, logz=jnp.where(top_k[:, None] > 0, jnp.nan, logz)),
+        lambda x: _filter_ranked(x, jnp.sort(x, axis=-1, descending=True), top_k, top_p),
+        logits)
+
+
+def _filter_ranked(logits: jax.Array, ranked: jax.Array, top_k: jax.Array, top_p: jax.Array,
+                   logz: jax.Array | None = None) -> jax.Array:
+    """`filter_logits` given the row's most likely logits `ranked [B, R]` in descending order, R ≤ V.
+
+    With R < V, `logz [B, 1]` is the log-normaliser over the whole vocabulary for rows without
+    top-k (NaN for rows with top-k, which normalise over their own top-k, all among the R). The
+    caller guarantees the kept set lies inside the R.
+    """
+    r = ranked.shape[-1]
+    rank = jnp.arange(r)[None, :]
     in_k = (top_k[:, None] <= 0) | (rank < top_k[:, None])
-    probs = jax.nn.softmax(jnp.where(in_k, ranked, -jnp.inf), axis=-1)
+    masked = jnp.where(in_k, ranked, -jnp.inf)
+    own = jax.nn.logsumexp(masked, axis=-1, keepdims=True)
+    probs = jnp.exp(masked - (own if logz is None else jnp.where(jnp.isnan(logz), own, logz)))
     before = jnp.cumsum(probs, axis=-1) - probs  # probability of the strictly more likely tokens
     keep = in_k & ((top_p[:, None] >= 1.0) | (before < top_p[:, None]) | (rank == 0))
     last = jnp.sum(keep, axis=-1, keepdims=True) - 1  # keep is a prefix of the ranking
     threshold = jnp.take_along_axis(ranked, last, axis=-1)
+    # A row that truncates nothing (top-k off, top-p 1) keeps all, even past the R candidates.
+    threshold = jnp.where((top_k[:, None] <= 0) & (top_p[:, None] >= 1.0), -jnp.inf, threshold)
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 

@@ -269,6 +269,44 @@ def test_filter_logits_keeps_top_k_then_nucleus():
     np.testing.assert_array_equal(kept, np.array(want, bool))
 
 
+def _kept_reference(logits: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy transcription of top-k then nucleus on one row (float64), ties with the last kept token kept.
+
+    Also returns which tokens sit on the nucleus boundary within float32 rounding (their preceding
+    mass is within 1e-5 of top_p): there float32 and float64 may rightly disagree."""
+    order = np.argsort(-logits, kind="stable")
+    ranked = logits[order].astype(np.float64)
+    k = len(ranked) if top_k <= 0 else top_k
+    probs = np.exp(ranked[:k] - np.logaddexp.reduce(ranked[:k]))
+    before = np.cumsum(probs) - probs
+    n = k if top_p >= 1.0 else max(1, int(np.sum(before < top_p)))
+    borderline = np.zeros(len(logits), bool)
+    if top_p < 1.0:
+        borderline[order[:k]] = np.abs(before - top_p) < 1e-5
+    return logits >= ranked[n - 1], borderline
+
+
+@pytest.mark.parametrize("sharpness", [0.3, 1.0, 3.0, 12.0])  # 0.3: the nucleus spills past the candidates;
+# 1.0: the candidates hold ~70% of the probability, so top-p 0.5 is decided on them against the whole vocabulary
+def test_filter_logits_on_candidates_equals_a_full_sort(sharpness):
+    v = 3 * sampling.CANDIDATES + 11
+    rng = np.random.default_rng(int(sharpness * 10))
+    settings = [(-1, 1.0), (-1, 0.9), (-1, 0.5), (1, 1.0), (5, 0.7), (sampling.CANDIDATES, 0.95),
+                (sampling.CANDIDATES + 1, 1.0), (150, 0.8), (-1, 0.999)]
+    logits = (rng.normal(size=(len(settings), v)) * sharpness).astype(np.float32)
+    top_k = np.array([k for k, _ in settings], np.int32)
+    top_p = np.array([p for _, p in settings], np.float32)
+    filter_ = jax.jit(sampling.filter_logits)
+    for rows in [[i] for i in range(len(settings))] + [list(range(len(settings)))]:  # alone, and all together
+        kept = np.isfinite(np.asarray(filter_(jnp.asarray(logits[rows]), jnp.asarray(top_k[rows]),
+                                              jnp.asarray(top_p[rows]))))
+        for out, i in zip(kept, rows, strict=True):
+            want, borderline = _kept_reference(logits[i], int(top_k[i]), float(top_p[i]))
+            assert borderline.sum() < 0.01 * v  # the comparison still covers almost every token
+            np.testing.assert_array_equal(out[~borderline], want[~borderline],
+                                          err_msg=f"row {i}: top_k={top_k[i]} top_p={top_p[i]}")
+
+
 def test_choose_tokens_follows_the_tempered_truncated_distribution():
     n = 4000
     logits = jnp.log(jnp.asarray(np.tile([0.15, 0.5, 0.05, 0.3], (n, 1)), jnp.float32))
