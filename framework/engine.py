@@ -10,7 +10,8 @@ State it holds (all device arrays, never part of a traced shape):
 
 Compiled functions, one per (op, shape bucket): `_fwd` (logprobs + loss, no grad), `_fwd_bwd`
 (logprobs, loss, gradients of the used slots only, added into the gradient buffer), `_optim`
-(AdamW on one slot) and `_sample`. Rows are padded to a power of two, lengths to a power of two
+(AdamW on one slot), `_sample` (also keyed by the top-k logprob width asked for, a power of two) and
+`_topk` (prompt top-k logprobs). Rows are padded to a power of two, lengths to a power of two
 ≥ `min_seq_bucket`, and the number of distinct adapters in a batch to a power of two, so the
 number of compilations stays small and adding or removing an adapter never compiles.
 
