@@ -311,10 +311,13 @@ class Engine:
             results.append(ForwardResult(lps, out["loss:sum"], out))
         return results
 
-    def _model_logprobs(self, base, weights, scales, used, row_slots, tokens, targets):
+    def _model_logits(self, base, weights, scales, used, row_slots, tokens):
         model = nnx.merge(self._graphdef, base)
         bank = LoraBank(jax.tree.map(lambda w: w[:, used], weights), scales[used])
-        return token_logprobs(model(tokens, hook=make_hook(bank, row_slots)), targets)
+        return model(tokens, hook=make_hook(bank, row_slots))
+
+    def _model_logprobs(self, base, weights, scales, used, row_slots, tokens, targets):
+        return token_logprobs(self._model_logits(base, weights, scales, used, row_slots, tokens), targets)
 
     def _fwd_impl(self, base, weights, scales, used, row_slots, tokens, inputs, loss_cfg, *, loss_name):
         self.compile_counts["forward"] += 1
@@ -492,9 +495,7 @@ class Engine:
 
     def _topk_impl(self, base, weights, scales, used, row_slots, tokens, *, k):
         self.compile_counts["topk"] += 1
-        model = nnx.merge(self._graphdef, base)
-        bank = LoraBank(jax.tree.map(lambda w: w[:, used], weights), scales[used])
-        logits = model(tokens, hook=make_hook(bank, row_slots)).astype(jnp.float32)
+        logits = self._model_logits(base, weights, scales, used, row_slots, tokens).astype(jnp.float32)
         values, ids = jax.lax.top_k(logits, k)
         return ids, values - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
 
