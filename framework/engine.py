@@ -53,6 +53,12 @@ class EngineConfig:
     min_seq_bucket: int = 32
     max_seq_len: int = 0  # 0 = the model's max_position_embeddings
 
+    def __post_init__(self) -> None:
+        # Training batches must never have one token per row: `lora.make_hook` then mixes every slot into
+        # every row, which is only safe for the (finite-checked) sampler bank.
+        if self.min_seq_bucket < 2:
+            raise ValueError(f"min_seq_bucket must be >= 2, got {self.min_seq_bucket}")
+
 
 @dataclasses.dataclass
 class Adapter:

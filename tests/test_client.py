@@ -721,3 +721,9 @@ def test_bad_input_is_refused_and_changes_nothing(trained, service, base_model, 
     assert set(engine.adapters) == adapters_before
     assert_trees_equal(full_state(trained), state_before)
     assert loss_of(trained.forward(data, "cross_entropy").result()) == loss_before
+
+
+def test_engine_config_refuses_one_token_training_buckets():
+    """A one-token bucket would send training batches down the LoRA path that mixes all slots per row."""
+    with pytest.raises(ValueError, match=r"min_seq_bucket must be >= 2, got 1"):
+        EngineConfig(min_seq_bucket=1)
