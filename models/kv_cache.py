@@ -69,6 +69,7 @@ def prefill(
         return attention(q, k, v, mask)
 
     hidden = model.hidden_states(tokens, hook=hook, attend_fns=[attend] * model.config.num_layers)
+
     def fill(buffers: tuple[jax.Array, ...], layers: list[jax.Array]) -> tuple[jax.Array, ...]:
         return tuple(jax.lax.dynamic_update_slice(buf, x.transpose(0, 2, 1, 3).astype(buf.dtype), (0,) * 4)
                      for buf, x in zip(buffers, layers, strict=True))

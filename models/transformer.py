@@ -103,10 +103,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 def attention_to_head_major_kv(q: jax.Array, kt: jax.Array, vt: jax.Array, mask: jax.Array) -> jax.Array:
     """`attention` with keys/values already head-major, `[B, K, S, H]` (the KV cache's layout), so a
     decode step reads the cache as it lies instead of transposing all of it in every layer."""
-    b, t, n, h = q.shape
-    kv_heads = kt.shape[1]
-    qg = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
-    return _from_head_major(_attend_head_major(qg, kt, vt, mask))
+    return _from_head_major(_attend_head_major(_group_queries(q, kt.shape[1]), kt, vt, mask))
 
 
 def _head_major(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -116,10 +113,13 @@ def _head_major(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, ja
     second one; these transposes fuse into the rope that produces q and k. (Einsums in the
     `[B, T, N, H]` order made XLA transpose the `[T, S]` scores, twice per layer.)
     """
+    return _group_queries(q, k.shape[2]), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def _group_queries(q: jax.Array, kv_heads: int) -> jax.Array:
+    """q `[B, T, N, H]` -> `[B, K, G, T, H]`: the G = N/K query heads that share each key/value head."""
     b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    qg = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
-    return qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    return q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
 
 
 def _from_head_major(out: jax.Array) -> jax.Array:
