@@ -40,8 +40,14 @@ LATEST = "latest.json"
 FINAL_ADAPTER = "final_adapter"
 
 
+class ConfigError(ValueError):
+    """A mistake in the run's configuration that the user fixes on the command line; the entry point
+    prints its message alone, without a traceback."""
+
+
 def run(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> float | None:
     """Run `cfg.recipe` in `run_dir`; returns the run's final main metric (for sweepers)."""
+    check_config(cfg)
     run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     for noisy in ("jax._src.xla_bridge", "absl", "orbax"):
@@ -50,7 +56,47 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> float | None:
         enable_compilation_cache(Path(cfg.compilation_cache).expanduser())
     if cfg.recipe == "pretrain":
         return _pretrain(cfg, run_dir)
+    for line in describe(cfg, run_dir):
+        log.info(line)
     return Driver(cfg, run_dir).run()
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse, with one line that says what to set, the mistakes a new user makes first."""
+    if cfg.recipe != "pretrain" and OmegaConf.is_missing(cfg.model, "path"):
+        raise ConfigError(
+            f"model={cfg.model.name} needs model.path=<a local Hugging Face checkpoint directory> (config.json, "
+            "*.safetensors and the tokenizer files); nothing is downloaded. Without model=..., runs use the "
+            "embedded tiny model.")
+    if cfg.client.kind == "remote" and not cfg.client.get("base_url"):
+        raise ConfigError("client=remote needs client.base_url=http://<host>:<port> of a tinker-jax server")
+
+
+def describe(cfg: DictConfig, run_dir: Path) -> list[str]:
+    """The first lines a run prints: what runs, on which model and devices, and where it writes."""
+    import jax
+
+    from models import read_config
+
+    model_config, _ = read_config(cfg.model.path)
+    params = model_config.num_params()
+    size = f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.2f}M"
+    devices = jax.devices()
+    kinds = sorted({d.device_kind for d in devices})
+    return [
+        f"{cfg.name}: recipe {cfg.recipe}, {cfg.max_steps} steps, LoRA rank {cfg.lora.rank}, "
+        f"{cfg.client.kind} engine",
+        f"model: {cfg.model.name} ({model_config.model_type}, {size} parameters) from {cfg.model.path}",
+        f"devices: {len(devices)} × {', '.join(kinds)} (jax {jax.__version__})",
+        f"run directory: {_relative(run_dir)} (metrics.jsonl, metrics.png, checkpoints/)",
+    ]
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def enable_compilation_cache(directory: Path) -> None:
@@ -82,11 +128,11 @@ def make_env(cfg: Any) -> Any:
 def make_service(cfg: DictConfig, home: Path) -> Any:
     """The ServiceClient the config asks for (`client=local`: the in-process engine)."""
     if cfg.client.kind == "remote":
-        raise NotImplementedError(
+        raise ConfigError(
             f"client=remote (base_url={cfg.client.get('base_url')!r}) is not wired yet: the tinker-jax service "
             "has not landed. Run with client=local (the in-process engine) for now.")
     if cfg.client.kind != "local":
-        raise ValueError(f"client.kind must be local or remote, got {cfg.client.kind!r}")
+        raise ConfigError(f"client.kind must be local or remote, got {cfg.client.kind!r}")
     import jax
 
     from framework import EngineConfig, ServiceClient
@@ -136,7 +182,7 @@ class Driver:
         recipe_cls = RECIPES[cfg.recipe]
         latest = self._latest() if cfg.resume else None
         if cfg.resume and latest is None:
-            raise FileNotFoundError(f"resume=true but {self.ckpt_dir / LATEST} does not exist")
+            raise ConfigError(f"resume=true but {self.ckpt_dir / LATEST} does not exist")
         start = latest["completed_steps"] if latest else 0
 
         service = make_service(cfg, self.ckpt_dir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,18 @@ INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # Buffers some exporters write that carry no learned weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class _NoTorchNotice(logging.Filter):
+    """Drops transformers' import-time "PyTorch was not found" notice: we use only its tokenizers and
+    configs, never its PyTorch models, so the notice would only make a user think something is broken.
+    Installed before anything here imports transformers (an idempotent `addFilter`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("PyTorch was not found")
+
+
+logging.getLogger("transformers").addFilter(_NoTorchNotice())
 
 
 class CheckpointError(ValueError):

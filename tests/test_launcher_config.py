@@ -13,7 +13,7 @@ from omegaconf import MissingMandatoryValue, OmegaConf
 
 from framework.tracking import wandb_mode
 from launcher.config import CHECKPOINTS_DIR, run_dir
-from launcher.run import learning_rate, make_env, make_service
+from launcher.run import ConfigError, learning_rate, make_env, make_service
 
 EXPERIMENTS = {"rl_math": "rl", "sl_chat": "sl", "dpo": "dpo", "distill": "distill", "pretrain_tiny": "pretrain"}
 
@@ -56,7 +56,7 @@ def test_real_models_need_a_path():
 
 def test_remote_client_fails_clearly(tmp_path):
     cfg = compose_config(["+experiment=rl_math", "client=remote", "client.base_url=http://localhost:8000"])
-    with pytest.raises(NotImplementedError, match="client=local"):
+    with pytest.raises(ConfigError, match="client=local"):
         make_service(cfg, tmp_path)
 
 
@@ -105,3 +105,22 @@ def test_cli_composes_from_another_directory(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "launcher", "+experiment=dpo", "dpo.betta=0.5"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "betta" in bad.stderr
+
+
+@pytest.mark.parametrize(("overrides", "needles"), [
+    (["model=qwen3_0_6b"], ["model.path", "nothing is downloaded"]),
+    (["model.path=/no/such/checkpoint"], ["/no/such/checkpoint", "does not exist"]),
+    (["env=math", "env.path=/no/such/file.jsonl"], ["/no/such/file.jsonl"]),
+    (["client=remote"], ["client.base_url"]),
+], ids=["no-model-path", "bad-model-path", "bad-data-file", "remote-without-url"])
+def test_first_mistakes_end_in_one_clear_line(tmp_path, overrides, needles):
+    """What a new user gets wrong first stops the run before anything is written, with one line on
+    stderr that says what to set, not a traceback."""
+    out = subprocess.run([sys.executable, "-m", "launcher", "+experiment=rl_math", *overrides, "logger=jsonl"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    for needle in needles:
+        assert needle in lines[0]
+    assert "Traceback" not in out.stdout + out.stderr
