@@ -5,7 +5,10 @@ official `tinker` SDK, over the in-process multi-adapter engine.
 """
 
 from framework import types
-from framework.client import APIFuture, SamplingClient, ServiceClient, TrainingClient
+from framework.client import ServiceClient
 from framework.engine import EngineConfig
+from framework.futures import APIFuture
+from framework.sampling_client import SamplingClient
+from framework.training_client import TrainingClient
 
 __all__ = ["APIFuture", "EngineConfig", "SamplingClient", "ServiceClient", "TrainingClient", "types"]

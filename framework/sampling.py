@@ -155,13 +155,14 @@ def _filter_ranked(logits: jax.Array, ranked: jax.Array, top_k: jax.Array, top_p
 
 
 def choose_tokens(logits: jax.Array, params: RowParams, step: jax.Array) -> jax.Array:
-    """One token per row `[B]` from fp32 `logits [B, V]` at decode step `step`."""
+    """One token per row `[B]` from fp32 `logits [B, V]`; `step` (scalar or `[B]`) is the index of the
+    token each row draws, so a row's draws depend only on its own key and position in its output."""
     temperature = params.temperature
     greedy = temperature <= 0.0
     scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
     truncating = jnp.any((params.top_k > 0) | (params.top_p < 1.0))
     scaled = jax.lax.cond(truncating, lambda x: filter_logits(x, params.top_k, params.top_p), lambda x: x, scaled)
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(params.keys, step)
+    step_keys = jax.vmap(jax.random.fold_in)(params.keys, jnp.broadcast_to(step, params.keys.shape))
     drawn = jax.vmap(jax.random.categorical)(step_keys, scaled)
     return jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
 

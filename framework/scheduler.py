@@ -5,11 +5,17 @@ Rules (written down because correctness depends on them):
    requests of *other* adapters, but never jumps over an earlier pending request of its own adapter:
    an `optim_step` or a weight load is a barrier for its adapter only.
 2. Requests whose `batch_key` is equal (e.g. `("forward_backward", "ppo")`) and that are all at the
-   head of their adapter's queue run as one engine call; everything else runs alone.
-3. Sampling and logprob requests read immutable snapshots, so they carry no adapter and never wait
-   for training.
-4. If a batched call fails, each request is retried alone, so one tenant's bad request cannot fail
-   another tenant's work. Failures are delivered on the request's own future.
+   head of their adapter's queue run as one engine call, up to `max_batch_rows` rows and
+   `max_batch_tokens` tokens (a request that alone fills a batch runs alone: co-batching it would
+   cost more than it saves); everything else runs alone.
+3. Sampling goes to the engine's decode loop (`background`), which the worker steps between
+   training batches: one chunk of decoding, then one batch, and so on. Snapshots are immutable, so
+   sampling never waits for training and training waits at most one chunk for sampling.
+4. The worker cannot die. Every exception reaches the futures of the requests it concerns; if a
+   batched call fails, each request is retried alone, so one tenant's bad request cannot fail
+   another tenant's work.
+5. `shutdown` resolves every pending future (with an error), sampling included; a request
+   cancelled before it runs is skipped.
 """
 
 from __future__ import annotations
@@ -20,12 +26,26 @@ import logging
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
 
 BatchFn = Callable[[Sequence[Any]], Sequence[Any]]
 """Runs a batch of payloads on the engine and returns one result per payload."""
+
+
+class Background(Protocol):
+    """Work the worker interleaves with queued requests (the engine's decode loop)."""
+
+    def has_work(self) -> bool: ...
+
+    def step(self) -> None: ...
+
+    def fail_all(self, error: BaseException) -> None: ...
+
+
+class SchedulerClosed(RuntimeError):
+    """The engine's scheduler is shut down; nothing more runs."""
 
 
 @dataclasses.dataclass
@@ -36,28 +56,38 @@ class _Request:
     payload: Any
     future: Future
     rows: int
+    tokens: int
 
 
 class Scheduler:
-    """FIFO-per-adapter batching over a single worker thread."""
+    """FIFO-per-adapter batching over a single worker thread, interleaved with background work."""
 
-    def __init__(self, *, max_batch_rows: int = 64, name: str = "engine"):
+    def __init__(self, *, max_batch_rows: int = 64, max_batch_tokens: int | None = None, name: str = "engine",
+                 background: Background | None = None):
         self.max_batch_rows = max_batch_rows
+        self.max_batch_tokens = max_batch_tokens
+        self._background = background
         self._pending: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
         self.batches_run = 0
+        self.errors = 0
         self._thread = threading.Thread(target=self._loop, name=f"{name}-scheduler", daemon=True)
         self._thread.start()
 
+    @property
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
     def submit(self, run: BatchFn, payload: Any, *, adapter_id: str | None = None,
-               batch_key: Hashable | None = None, rows: int = 1) -> Future:
+               batch_key: Hashable | None = None, rows: int = 1, tokens: int = 0) -> Future:
         """Queue `payload` for `run`. Requests with equal `batch_key` may run as one `run` call (the first
         request's), so a key must imply the function: e.g. `("forward_backward", loss_name)`."""
-        request = _Request(adapter_id, batch_key, run, payload, Future(), rows)
+        request = _Request(adapter_id, batch_key, run, payload, Future(), rows, tokens)
         with self._cond:
             if self._closed:
-                raise RuntimeError("the scheduler is shut down")
+                raise SchedulerClosed("the engine's scheduler is shut down")
             self._pending.append(request)
             self._cond.notify()
         return request.future
@@ -66,58 +96,113 @@ class Scheduler:
         """Run `fn()` alone on the worker, in order with the adapter's other requests."""
         return self.submit(lambda payloads: [payloads[0]()], fn, adapter_id=adapter_id)
 
+    def wake(self) -> None:
+        """Tell the worker that background work arrived (after `engine.submit_sample`)."""
+        with self._cond:
+            if self._closed:
+                raise SchedulerClosed("the engine's scheduler is shut down")
+            self._cond.notify()
+
     def shutdown(self, wait: bool = True) -> None:
+        """Stop the worker; every request not yet run fails with `SchedulerClosed`."""
         with self._cond:
             self._closed = True
             self._cond.notify()
-        if wait:
+        if wait and threading.current_thread() is not self._thread:
             self._thread.join()
 
+    # ------------------------------------------------------------------------------------ worker
     def _next_batch(self) -> list[_Request]:
         head = self._pending[0]
         batch = [head]
         if head.batch_key is not None:
             blocked: set[str | None] = set()
-            rows = head.rows
+            rows, tokens = head.rows, head.tokens
             for r in list(self._pending)[1:]:
-                fits = rows + r.rows <= self.max_batch_rows
+                fits = rows + r.rows <= self.max_batch_rows and (
+                    self.max_batch_tokens is None or tokens + r.tokens <= self.max_batch_tokens)
                 if r.batch_key == head.batch_key and r.adapter_id not in blocked and fits:
                     batch.append(r)
                     rows += r.rows
+                    tokens += r.tokens
                 elif r.adapter_id is not None:
                     blocked.add(r.adapter_id)
         for r in batch:
             self._pending.remove(r)
         return batch
 
+    def _has_background(self) -> bool:
+        if self._background is None:
+            return False
+        try:
+            return self._background.has_work()
+        except Exception:
+            logger.exception("background.has_work failed")
+            return False
+
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._closed:
+                while not self._pending and not self._closed and not self._has_background():
                     self._cond.wait()
-                if not self._pending:
-                    return
-                batch = self._next_batch()
-            self._run(batch)
-            self.batches_run += 1
+                if self._closed:
+                    break
+                batch = self._next_batch() if self._pending else []
+            if batch:
+                self._run_safely(batch)
+                self.batches_run += 1
+            if self._has_background():
+                try:
+                    self._background.step()
+                except Exception:  # the decode loop settles its own futures; never let it end the worker
+                    self.errors += 1
+                    logger.exception("background step failed")
+        self._fail_pending()
 
-    @staticmethod
-    def _run(batch: list[_Request]) -> None:
+    def _fail_pending(self) -> None:
+        error = SchedulerClosed("the engine's scheduler was shut down before this request ran")
+        with self._cond:
+            pending, self._pending = list(self._pending), collections.deque()
+        for r in pending:
+            if r.future.set_running_or_notify_cancel():
+                r.future.set_exception(error)
+        if self._background is not None:
+            try:
+                self._background.fail_all(error)
+            except Exception:
+                logger.exception("failing the background work at shutdown")
+
+    def _run_safely(self, batch: list[_Request]) -> None:
+        try:
+            self._run(batch)
+        except Exception as error:  # a bug in the hand-out itself: still resolve every future
+            self.errors += 1
+            logger.exception("scheduler failed to run a batch")
+            for r in batch:
+                if not r.future.done() and (r.future.running() or r.future.set_running_or_notify_cancel()):
+                    r.future.set_exception(error)
+
+    def _run(self, batch: list[_Request]) -> None:
         live = [r for r in batch if r.future.set_running_or_notify_cancel()]
         if not live:
             return
         try:
-            results = batch[0].run([r.payload for r in live])
+            results = list(batch[0].run([r.payload for r in live]))
+            if len(results) != len(live):
+                raise RuntimeError(f"a batch of {len(live)} requests returned {len(results)} results")
         except Exception as error:
+            self.errors += 1
             if len(live) == 1:
                 live[0].future.set_exception(error)
                 return
             logger.warning("batch of %d failed (%s); retrying each request alone", len(live), error)
             for r in live:
                 try:
-                    r.future.set_result(r.run([r.payload])[0])
+                    result = r.run([r.payload])[0]
                 except Exception as single_error:
                     r.future.set_exception(single_error)
+                else:
+                    r.future.set_result(result)
             return
         for r, result in zip(live, results, strict=True):
             r.future.set_result(result)

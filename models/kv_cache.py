@@ -111,6 +111,52 @@ def decode_step(
     return model.logits(hidden[:, 0], hook=hook), new_cache
 
 
+def extend(
+    model: Transformer,
+    tokens: jax.Array,
+    start: jax.Array,
+    lengths: jax.Array,
+    cache: KVCache,
+    *,
+    hook: LinearHook | None = None,
+    all_logits: bool = False,
+) -> tuple[jax.Array, KVCache]:
+    """Feed right-padded `tokens [B, T]` (row b holds `lengths[b]` of them) at positions
+    `start[b] .. start[b] + T - 1` of each row's cache, attending to everything the row holds before.
+
+    `prefill` is the case `start = 0`; with `start > 0` the first `start[b]` positions must already
+    hold the keys/values of the row's prefix (a prefix cache entry), so only the new tokens are
+    computed. Needs `start[b] + T <= capacity` for every row (the caller sizes the cache). Returns the
+    fp32 logits of each row's last fed token `[B, V]` (every position `[B, T, V]` with `all_logits`)
+    and the cache with `lengths = start + lengths`.
+    """
+    t = tokens.shape[1]
+    capacity = cache.capacity
+    if t > capacity:
+        raise ValueError(f"{t} tokens exceed the KV cache capacity {capacity}")
+    start = start.astype(jnp.int32)
+    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+    mask = jnp.arange(capacity)[None, None, :] <= positions[:, :, None]  # [B, T, C]: causal over the whole row
+    keys, values = list(cache.keys), list(cache.values)
+    write = jax.vmap(lambda buf, x, s: jax.lax.dynamic_update_slice(buf, x, (0, s, 0)))
+
+    def make_attend(i: int):
+        def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+            keys[i] = write(keys[i], k.transpose(0, 2, 1, 3).astype(keys[i].dtype), start)
+            values[i] = write(values[i], v.transpose(0, 2, 1, 3).astype(values[i].dtype), start)
+            return attention_to_head_major_kv(q, keys[i], values[i], mask)
+
+        return attend
+
+    attend_fns = [make_attend(i) for i in range(model.config.num_layers)]
+    hidden = model.hidden_states(tokens, positions, hook=hook, attend_fns=attend_fns)
+    new_cache = KVCache(tuple(keys), tuple(values), start + lengths.astype(jnp.int32))
+    if all_logits:
+        return model.logits(hidden, hook=hook), new_cache
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+    return model.logits(last, hook=hook), new_cache
+
+
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(4,))
 def _jit_prefill(graphdef, state, tokens, lengths, cache, all_logits: bool):
     return prefill(nnx.merge(graphdef, state), tokens, lengths, cache, all_logits=all_logits)

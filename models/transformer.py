@@ -141,22 +141,27 @@ CAUSAL_BLOCK = 128
 """Query block of `causal_attention`: blocks above the diagonal are skipped, not masked."""
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = CAUSAL_BLOCK) -> jax.Array:
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = CAUSAL_BLOCK,
+                     segment_ids: jax.Array | None = None) -> jax.Array:
     """Causal self-attention (`S == T`), the same numbers as `attention(q, k, v, causal_mask(T))`.
 
     Queries are split into blocks of `block` rows and each block attends only to the keys up to
     its last row, so the scores above the diagonal blocks are never computed: with T = n·block
-    this does (n+1)/2n of the dense work (75% at T = 2·block).
+    this does (n+1)/2n of the dense work (75% at T = 2·block). With `segment_ids [B, T]` (several
+    sequences packed in a row), a position attends only to earlier positions of its own segment.
     """
     t = q.shape[1]
+    same = None if segment_ids is None else segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, T]
     if t <= block:
-        return attention(q, k, v, causal_mask(t))
+        return attention(q, k, v, causal_mask(t) if same is None else causal_mask(t) & same)
     qg, kt, vt = _head_major(q, k, v)
     outs = []
     for start in range(0, t, block):
         stop = min(start + block, t)
-        rows = jnp.arange(start, stop)[:, None] >= jnp.arange(stop)[None, :]
-        outs.append(_attend_head_major(qg[:, :, :, start:stop], kt[:, :, :stop], vt[:, :, :stop], rows[None]))
+        rows = (jnp.arange(start, stop)[:, None] >= jnp.arange(stop)[None, :])[None]
+        if same is not None:
+            rows = rows & same[:, start:stop, :stop]
+        outs.append(_attend_head_major(qg[:, :, :, start:stop], kt[:, :, :stop], vt[:, :, :stop], rows))
     return _from_head_major(jnp.concatenate(outs, axis=3))
 
 
@@ -267,18 +272,23 @@ class Transformer(nnx.Module):
         *,
         hook: LinearHook | None = None,
         attend_fns: list[Callable[[jax.Array, jax.Array, jax.Array], jax.Array]] | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         """Final-normed hidden states `[B, T, D]` for `tokens [B, T]`.
 
         `attend_fns[i]` replaces plain causal self-attention in layer i (the KV cache uses this).
+        `segment_ids [B, T]` keeps packed sequences apart (pass their restarting `positions` too).
         """
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope_tables(self.config, positions)
         x = jnp.take(self.embed[...], tokens, axis=0)
+        def self_attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+            return causal_attention(q, k, v, segment_ids=segment_ids)
+
         for i, layer in enumerate(self.layers):
-            attend = attend_fns[i] if attend_fns is not None else causal_attention
+            attend = attend_fns[i] if attend_fns is not None else self_attend
             x = layer(x, cos, sin, attend, hook)
         return self.final_norm(x)
 
@@ -290,9 +300,10 @@ class Transformer(nnx.Module):
         return y
 
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array | None = None, *, hook: LinearHook | None = None
+        self, tokens: jax.Array, positions: jax.Array | None = None, *, hook: LinearHook | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
-        return self.logits(self.hidden_states(tokens, positions, hook=hook), hook=hook)
+        return self.logits(self.hidden_states(tokens, positions, hook=hook, segment_ids=segment_ids), hook=hook)
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:

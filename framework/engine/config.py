@@ -1,0 +1,44 @@
+"""`EngineConfig`: the sizes of one engine's caches and batches. Every field is a bound that keeps a
+long-running engine's memory and compile count flat, never a limit a user's workload runs into:
+adapters beyond `max_adapters` page to host memory, snapshots beyond `sampler_slots` wait for a
+slot, sampled rows beyond `decode_rows` wait for a row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lora import ALL_TARGETS
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_adapters: int = 8  # training adapters resident on the device; the least recently used page to host
+    max_rank: int = 32
+    sampler_slots: int = 8  # published snapshots resident in the sampler bank at once
+    targets: tuple[str, ...] = ALL_TARGETS  # LoRA targets an adapter may train
+    dtype: str = "float32"  # base and adapter parameter dtype
+    min_seq_bucket: int = 32
+    max_seq_len: int = 0  # 0 = the model's max_position_embeddings
+    max_batch_tokens: int = 8192  # padded tokens in one training batch; larger requests run alone
+    max_optim_batch: int = 8  # optim_steps of different adapters applied in one compiled call
+    pack: bool = True  # pack short training sequences into shared rows when that saves padding
+    decode_rows: int = 64  # sequences decoding at once (the KV-cache row pool)
+    decode_chunk: int = 8  # decode steps per engine call; waiting requests join between chunks
+    prefix_cache_mb: float = 256.0  # KV of recent prompts per snapshot (LRU); 0 turns the prefix cache off
+    custom_steps: int = 16  # compiled custom-loss steps kept (LRU)
+
+    def __post_init__(self) -> None:
+        # Training batches must never have one token per row: `lora.make_hook` then mixes every slot into
+        # every row, which is only safe for the (finite-checked) sampler bank.
+        if self.min_seq_bucket < 2:
+            raise ValueError(f"min_seq_bucket must be >= 2, got {self.min_seq_bucket}")
+        for name in ("max_adapters", "max_rank", "sampler_slots", "max_optim_batch", "decode_rows", "decode_chunk",
+                     "custom_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_batch_tokens < self.min_seq_bucket:
+            raise ValueError(f"max_batch_tokens must be >= min_seq_bucket ({self.min_seq_bucket}), "
+                             f"got {self.max_batch_tokens}")
+        if self.prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")

@@ -1,0 +1,414 @@
+"""The engine: one base model, any number of LoRA adapters, and the compiled steps they all share.
+
+It composes the parts, each in its own module:
+- `adapters.AdapterPool`: every training adapter's weights, AdamW state, gradients, step and
+  version, on the device or paged out to host memory (LRU);
+- `snapshots.SnapshotRegistry`: published sampler weights with reference counts, and the sampler
+  bank that holds the ones being sampled;
+- `training.TrainingSteps` + `packing.layout`: forward, forward/backward, custom losses and AdamW,
+  compiled per shape bucket, with short sequences packed into shared rows;
+- `decode.DecodeLoop` + `prefix_cache.PrefixCache`: continuous batching for sampling, prompts
+  prefilled once per request and cached per snapshot.
+
+Calls are synchronous and not thread-safe, except `submit_sample`: `framework.scheduler` runs
+everything on one worker thread. Inputs arrive validated (`framework.validation`); the engine
+re-checks only what would corrupt state.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from framework.engine.adapters import AdapterPool, AdapterState
+from framework.engine.config import EngineConfig
+from framework.engine.decode import DecodeLoop, bucket
+from framework.engine.packing import layout
+from framework.engine.prefix_cache import PrefixCache
+from framework.engine.requests import (
+    CustomLossRequest,
+    DatumArrays,
+    ForwardRequest,
+    ForwardResult,
+    LogprobsRequest,
+    OptimRequest,
+    OptimResult,
+    SampleJob,
+    SampleResult,
+    TopK,
+)
+from framework.engine.snapshots import BASE, Snapshot, SnapshotRegistry, require_finite
+from framework.engine.training import TrainingSteps, batch_arrays, stack_adapters
+from framework.losses import LOSSES
+from framework.optim import AdamHyperparams, init_opt_state
+from lora import ALL_TARGETS, DEFAULT_ALPHA, LoraBank, LoraWeights, empty_bank, init_adapter, make_hook
+from models import Transformer, load_checkpoint
+
+
+class Engine:
+    """All adapters of one base model, and the compiled steps that serve them together."""
+
+    def __init__(self, base_model: str, config: EngineConfig | None = None, *, model: Transformer | None = None):
+        self.config = config or EngineConfig()
+        self.base_model = base_model
+        self.model = model if model is not None else load_checkpoint(base_model, dtype=self.config.dtype)
+        self.model_config = self.model.config
+        self.max_seq_len = self.config.max_seq_len or self.model_config.max_position_embeddings
+        self._graphdef, self._base = nnx.split(self.model)
+        self._dtype = jnp.dtype(self.config.dtype)
+        self.compile_counts: collections.Counter[str] = collections.Counter()
+        self.adapters = AdapterPool(self.config.max_adapters)
+        self._zero = jax.tree.map(jnp.zeros_like, self._new_weights(rank=1, seed=0, targets=()))
+        self._zero_opt_state = init_opt_state(self._zero)
+        self._zero_hp = AdamHyperparams.make(0.0)
+        self.snapshots = SnapshotRegistry(empty_bank(self.model_config, self.config.sampler_slots + 1,
+                                                     self.config.max_rank, targets=self.config.targets,
+                                                     dtype=self._dtype))
+        self.prefix_cache = PrefixCache(int(self.config.prefix_cache_mb * 2**20))
+        self._steps = TrainingSteps(self._graphdef, self.compile_counts, self.config.custom_steps)
+        self.decoder = DecodeLoop(graphdef=self._graphdef, base=self._base, model_config=self.model_config,
+                                  dtype=self._dtype, registry=self.snapshots, prefix_cache=self.prefix_cache,
+                                  max_rows=self.config.decode_rows, chunk=self.config.decode_chunk,
+                                  min_capacity=self.config.min_seq_bucket, prompt_extras=self._prompt_extras,
+                                  compile_counts=self.compile_counts)
+        self._topk = jax.jit(self._topk_impl, static_argnames=("k",))
+        self._ids = itertools.count()
+        self._stats: collections.Counter[str] = collections.Counter()
+        self._seconds: collections.Counter[str] = collections.Counter()
+
+    # ----------------------------------------------------------------------------------- adapters
+    def _new_weights(self, *, rank: int, seed: int, targets: Sequence[str]) -> LoraWeights:
+        return init_adapter(self.model_config, rank=rank, seed=seed, targets=targets, bank_targets=self.config.targets,
+                            max_rank=self.config.max_rank, dtype=self._dtype)
+
+    def create_adapter(self, *, rank: int, seed: int = 0, targets: Sequence[str] = ALL_TARGETS,
+                       alpha: float = DEFAULT_ALPHA, adapter_id: str | None = None) -> AdapterState:
+        if not 0 < rank <= self.config.max_rank:
+            raise ValueError(f"rank must be in [1, {self.config.max_rank}] (the engine's max_rank), got {rank}")
+        unknown = [t for t in targets if t not in self.config.targets]
+        if unknown:
+            raise ValueError(f"LoRA targets {unknown} are not held by this engine (targets={self.config.targets})")
+        adapter_id = adapter_id or f"adapter-{next(self._ids)}"
+        if adapter_id in self.adapters:
+            raise ValueError(f"adapter_id {adapter_id!r} already exists")
+        weights = self._new_weights(rank=rank, seed=seed, targets=targets)
+        return self.adapters.add(AdapterState(adapter_id, rank, float(alpha), tuple(targets), seed, weights))
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        """Forget an adapter and free its memory (its published snapshots live on while referenced)."""
+        self.adapters.remove(adapter_id)
+
+    def zero_adapter(self) -> LoraWeights:
+        """An all-zero adapter in this engine's layout (a shape template; never modified)."""
+        return self._zero
+
+    def adapter_weights(self, adapter_id: str) -> LoraWeights:
+        """An adapter's current weights (`[L, d_in, R]` / `[L, R, d_out]` per target)."""
+        return self.adapters.get(adapter_id).weights
+
+    def training_state(self, adapter_id: str) -> dict[str, Any]:
+        """A host copy of everything `save_state` writes, consistent with the adapter's request order."""
+        adapter = self.adapters.get(adapter_id)
+        opt_state = adapter.opt_state if adapter.opt_state is not None else init_opt_state(adapter.weights)
+        weights, opt_state = jax.device_get((adapter.weights, opt_state))
+        return {"weights": weights, "opt_state": opt_state, "step": adapter.step, "version": adapter.version}
+
+    def set_adapter_state(self, adapter_id: str, weights: LoraWeights, opt_state: Any | None, step: int) -> int:
+        """Overwrite an adapter's weights (and AdamW state; None starts it afresh) and drop its pending
+        gradients. Returns the new version."""
+        adapter = self.adapters.ensure_resident([adapter_id])[0]
+        adapter.weights = jax.tree.map(lambda w, like: jnp.asarray(w, like.dtype), weights, self._zero)
+        adapter.opt_state = None if opt_state is None else jax.tree.map(jnp.asarray, opt_state)
+        adapter.grads, adapter.accumulated = None, 0
+        adapter.step = step
+        adapter.version += 1
+        return adapter.version
+
+    # ---------------------------------------------------------------------------- forward/backward
+    def _adapter_args(self, weights: Sequence[LoraWeights], scales: Sequence[float]) -> tuple[tuple, np.ndarray]:
+        g = bucket(len(weights))
+        padded = tuple(weights) + (self._zero,) * (g - len(weights))
+        scale = np.zeros((g,), np.float32)
+        scale[: len(scales)] = scales
+        return padded, scale
+
+    def forward(self, requests: Sequence[ForwardRequest], *, backward: bool) -> list[ForwardResult]:
+        """Run requests of one loss (any adapters) as one batch; with `backward`, add each adapter's
+        gradient to its accumulator."""
+        loss_names = {r.loss_name for r in requests}
+        if len(loss_names) != 1:
+            raise ValueError(f"one batch runs one loss, got {sorted(loss_names)}")
+        loss_name = loss_names.pop()
+        t0 = time.perf_counter()
+        adapters = self.adapters.ensure_resident([r.adapter_id for r in requests])
+        group = {a.adapter_id: i for i, a in enumerate(adapters)}
+        weights, scales = self._adapter_args([a.weights for a in adapters], [a.scale for a in adapters])
+        flat = [(group[r.adapter_id], d, r.loss_config) for r in requests for d in r.datums]
+        results = self._run_forward(loss_name, weights, scales, flat, backward=backward, adapters=adapters)
+        self._seconds["forward_backward" if backward else "forward"] += time.perf_counter() - t0
+        return self._split(requests, *results)
+
+    def _run_forward(self, loss_name: str, weights: tuple, scales: np.ndarray,
+                     flat: list[tuple[int, DatumArrays, dict[str, float]]], *, backward: bool,
+                     adapters: Sequence[AdapterState] = ()) -> tuple[list[np.ndarray], np.ndarray, dict]:
+        n = max(len(d.tokens) for _, d, _ in flat)
+        if n > self.max_seq_len:
+            raise ValueError(f"sequence length {n} exceeds the engine's max_seq_len {self.max_seq_len}")
+        batch = layout([g for g, _, _ in flat], [d for _, d, _ in flat], [c for _, _, c in flat],
+                       LOSSES[loss_name].input_keys, min_bucket=self.config.min_seq_bucket, pack=self.config.pack)
+        arrays = batch_arrays(batch)
+        if backward:
+            grads, logprobs, loss, metrics = self._steps.forward_backward(
+                self._base, weights, scales, arrays, loss_name=loss_name, num_datums=batch.num_datums)
+        else:
+            logprobs, loss, metrics = self._steps.forward(self._base, weights, scales, arrays, loss_name=loss_name,
+                                                          num_datums=batch.num_datums)
+        # Wait for the step before touching any adapter: an execution error surfaces here, with every
+        # adapter's state as it was (so the scheduler can retry each request alone).
+        logprobs, loss, metrics = jax.device_get((logprobs, loss, metrics))
+        if backward:
+            new = [grads[i] if a.grads is None else self._steps.accumulate(a.grads, grads[i])
+                   for i, a in enumerate(adapters)]
+            jax.block_until_ready(new)
+            for adapter, g in zip(adapters, new, strict=False):
+                adapter.grads = g
+                adapter.accumulated += 1
+        real = sum(p[2] for p in batch.placement)
+        self._stats["batches"] += 1
+        self._stats["packed_batches"] += batch.packed
+        self._stats["tokens"] += real
+        self._stats["padded_tokens"] += batch.tokens.size
+        per_datum = [np.asarray(logprobs[r, s: s + n]) for r, s, n in batch.placement]
+        return per_datum, np.asarray(loss), {k: np.asarray(v) for k, v in metrics.items()}
+
+    @staticmethod
+    def _split(requests: Sequence[ForwardRequest], logprobs: list[np.ndarray], loss: np.ndarray,
+               metrics: dict[str, np.ndarray]) -> list[ForwardResult]:
+        results, start = [], 0
+        for request in requests:
+            idx = slice(start, start + len(request.datums))
+            start += len(request.datums)
+            out: dict[str, float] = {"loss:sum": float(loss[idx].sum())}
+            if "logprob_gap_sum" in metrics:
+                count = float(metrics["logprob_gap_count"][idx].sum())
+                out["sampler_logprob_gap:mean"] = float(metrics["logprob_gap_sum"][idx].sum()) / max(count, 1.0)
+                out["sampler_logprob_gap:max"] = float(metrics["logprob_gap_max"][idx].max())
+            results.append(ForwardResult(logprobs[idx], out["loss:sum"], out))
+        return results
+
+    def forward_backward_custom(self, request: CustomLossRequest) -> ForwardResult:
+        """forward_backward with a user loss traced to a jaxpr (`loss = jax.make_jaxpr(fn)(logprob shapes)`).
+
+        The loss runs inside a compiled step of its own (one forward, one backward); its constants
+        (arrays it closed over, e.g. the datums' advantages) are arguments, so a new batch with the same
+        loss structure and lengths reuses the step. Callers use `wants_custom_step` to compile only for
+        combinations that recur.
+        """
+        adapter = self.adapters.ensure_resident([request.adapter_id])[0]
+        lengths = tuple(len(d.tokens) for d in request.datums)
+        step = self._steps.custom_step(request.loss, request.out_tree, lengths)
+        b, t = bucket(len(lengths)), bucket(max(lengths), self.config.min_seq_bucket)
+        tokens, targets = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+        for i, d in enumerate(request.datums):
+            tokens[i, : len(d.tokens)], targets[i, : len(d.tokens)] = d.tokens, d.inputs["target_tokens"]
+        consts = [jnp.asarray(c) for c in request.loss.consts]
+        grads, logprobs, value, metrics = step(self._base, adapter.weights, jnp.float32(adapter.scale), tokens,
+                                               targets, consts)
+        logprobs, value, metrics = jax.device_get((logprobs, value, metrics))
+        grads = grads if adapter.grads is None else self._steps.accumulate(adapter.grads, grads)
+        adapter.grads = jax.block_until_ready(grads)
+        adapter.accumulated += 1
+        return ForwardResult([logprobs[i, :n].copy() for i, n in enumerate(lengths)], float(value),
+                             {k: float(v) for k, v in metrics.items()})
+
+    def wants_custom_step(self, loss: Any, lengths: Sequence[int]) -> bool:
+        return self._steps.wants_custom_step(loss, lengths)
+
+    # ------------------------------------------------------------------------------------- optim
+    def optim_step(self, requests: Sequence[OptimRequest]) -> list[OptimResult]:
+        """AdamW for each request's adapter from its accumulated gradients (zero if none), several
+        adapters per compiled call; requests of the same adapter apply in order."""
+        t0 = time.perf_counter()
+        results: list[OptimResult | None] = [None] * len(requests)
+        pending = list(enumerate(requests))
+        while pending:
+            batch, rest, seen = [], [], set()
+            for i, request in pending:
+                if request.adapter_id in seen or len(batch) >= self.config.max_optim_batch:
+                    rest.append((i, request))
+                else:
+                    seen.add(request.adapter_id)
+                    batch.append((i, request))
+            adapters = self.adapters.ensure_resident([r.adapter_id for _, r in batch])
+            pad = bucket(len(batch)) - len(batch)  # a power of two of adapters per call: few compiled programs
+            params = tuple(a.weights for a in adapters) + (self._zero,) * pad
+            grads = tuple(a.grads if a.grads is not None else self._zero for a in adapters) + (self._zero,) * pad
+            states = tuple(a.opt_state if a.opt_state is not None else init_opt_state(a.weights)
+                           for a in adapters) + (self._zero_opt_state,) * pad
+            hps = tuple(r.hp for _, r in batch) + (self._zero_hp,) * pad
+            new_params, new_states, metrics = self._steps.optim(params, grads, states, hps)
+            metrics = jax.device_get(metrics)  # waits: an execution error surfaces before any state changes
+            for k, ((i, _), adapter) in enumerate(zip(batch, adapters, strict=True)):
+                adapter.weights, adapter.opt_state = new_params[k], new_states[k]
+                adapter.grads, adapter.accumulated = None, 0
+                adapter.step += 1
+                adapter.version += 1
+                results[i] = OptimResult({name: float(v) for name, v in metrics[k].items()}, adapter.version)
+            pending = rest
+        self._seconds["optim_step"] += time.perf_counter() - t0
+        self._stats["optim_steps"] += len(requests)
+        return results  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------------------------- snapshots
+    def publish(self, adapter_id: str) -> Snapshot:
+        """The adapter's current weights as a sampler snapshot (no copy), holding one reference for the
+        caller (`release_snapshot` when done)."""
+        adapter = self.adapters.ensure_resident([adapter_id])[0]
+        snapshot_id = f"{adapter_id}@v{adapter.version}"
+        live = self.snapshots.try_acquire(snapshot_id)
+        if live is not None:
+            return live
+        require_finite(adapter.weights, f"adapter {adapter_id!r} at step {adapter.step}",
+                       "training diverged: lower the learning rate or load an earlier checkpoint")
+        return self.snapshots.add(Snapshot(snapshot_id, adapter_id, adapter.version, adapter.weights, adapter.scale))
+
+    def add_snapshot(self, snapshot_id: str, weights: LoraWeights, scale: float, version: int,
+                     adapter_id: str | None = None) -> Snapshot:
+        """Register externally loaded sampler weights (e.g. a saved adapter), holding one reference."""
+        live = self.snapshots.try_acquire(snapshot_id)
+        if live is not None:
+            return live
+        weights = jax.tree.map(lambda w: jnp.asarray(w, self._dtype), weights)
+        require_finite(weights, f"sampler weights {snapshot_id!r}", "the saved adapter is corrupt")
+        return self.snapshots.add(Snapshot(snapshot_id, adapter_id, version, weights, scale))
+
+    def acquire_snapshot(self, snapshot_id: str) -> Snapshot:
+        return self.snapshots.acquire(snapshot_id)
+
+    def release_snapshot(self, snapshot_id: str) -> None:
+        """Drop one reference (any thread); the snapshot is freed when none are left."""
+        self.snapshots.release(snapshot_id)
+
+    def collect(self) -> None:
+        """Free what released snapshots held: bank slots and prefix-cache entries (worker side)."""
+        self.decoder.collect()
+
+    def _snapshot_args(self, snapshot_ids: Sequence[str]) -> tuple[dict[str, int], tuple, np.ndarray]:
+        unique = list(dict.fromkeys(snapshot_ids))
+        snaps = [self.snapshots.get(s) for s in unique]
+        weights, scales = self._adapter_args([s.weights if s.weights is not None else self._zero for s in snaps],
+                                             [s.scale for s in snaps])
+        return {s: i for i, s in enumerate(unique)}, weights, scales
+
+    def logprobs(self, requests: Sequence[LogprobsRequest]) -> list[np.ndarray]:
+        """log p(token_t | tokens_<t) for each request (first entry NaN), in one batch."""
+        self.collect()
+        group, weights, scales = self._snapshot_args([r.snapshot_id for r in requests])
+        flat = [(group[r.snapshot_id],
+                 DatumArrays(r.tokens, {"target_tokens": np.append(r.tokens[1:], 0).astype(np.int32),
+                                        "weights": np.zeros(len(r.tokens), np.float32)}), {}) for r in requests]
+        logprobs, _, _ = self._run_forward("cross_entropy", weights, scales, flat, backward=False)
+        return [np.concatenate([[np.nan], lp[: len(r.tokens) - 1]]).astype(np.float32)
+                for lp, r in zip(logprobs, requests, strict=True)]
+
+    def topk(self, requests: Sequence[LogprobsRequest], k: int) -> list[TopK]:
+        """The k most likely tokens at each position t ≥ 1 of each request, given tokens_<t; row 0
+        (nothing predicts the first token) holds token 0 with logprob -inf."""
+        self.collect()
+        k = min(k, self.model_config.vocab_size)
+        n = max(len(r.tokens) for r in requests)
+        if n > self.max_seq_len:
+            raise ValueError(f"sequence length {n} exceeds the engine's max_seq_len {self.max_seq_len}")
+        group, weights, scales = self._snapshot_args([r.snapshot_id for r in requests])
+        tokens = np.zeros((bucket(len(requests)), bucket(n, self.config.min_seq_bucket)), np.int32)
+        rows = np.zeros((tokens.shape[0],), np.int32)
+        for i, r in enumerate(requests):
+            tokens[i, : len(r.tokens)], rows[i] = r.tokens, group[r.snapshot_id]
+        kb = min(bucket(k, 4), self.model_config.vocab_size)
+        ids, lps = self._topk(self._base, weights, scales, rows, tokens, k=kb)
+        ids, lps = np.asarray(ids)[..., :k], np.asarray(lps)[..., :k]
+        out = []
+        for i, r in enumerate(requests):
+            m = len(r.tokens)
+            out.append(TopK(np.concatenate([np.zeros((1, k), np.int32), ids[i, : m - 1]]),
+                            np.concatenate([np.full((1, k), -np.inf, np.float32), lps[i, : m - 1]])))
+        return out
+
+    def _topk_impl(self, base, adapters, scales, rows, tokens, *, k):
+        self.compile_counts["topk"] += 1
+        model = nnx.merge(self._graphdef, base)
+        logits = model(tokens, hook=make_hook(LoraBank(stack_adapters(adapters), scales), rows))
+        values, ids = jax.lax.top_k(logits, k)
+        return ids, values - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+    # ----------------------------------------------------------------------------------- sampling
+    def submit_sample(self, job: SampleJob, future: Future | None = None) -> Future:
+        """Queue a sampling request for the decode loop (any thread); its future resolves to a
+        `SampleResult`. Holds a reference to the snapshot until the request is done."""
+        snapshot = self.snapshots.acquire(job.snapshot_id)
+        future = future if future is not None else Future()
+        self.decoder.submit(job, snapshot, future)
+        return future
+
+    def sample(self, jobs: Sequence[SampleJob]) -> list[SampleResult]:
+        """Sample `jobs` to completion on the calling thread (for callers without a scheduler)."""
+        futures = [self.submit_sample(job) for job in jobs]
+        while not all(f.done() for f in futures):
+            self.step_sampling()
+        return [f.result() for f in futures]
+
+    def step_sampling(self) -> None:
+        """One step of the decode loop (admit waiting requests, decode a chunk)."""
+        t0 = time.perf_counter()
+        self.decoder.step()
+        self._seconds["sample"] += time.perf_counter() - t0
+
+    def _prompt_extras(self, job: SampleJob) -> tuple[np.ndarray | None, TopK | None]:
+        request = LogprobsRequest(job.snapshot_id, job.prompt)
+        prompt_lps = self.logprobs([request])[0] if job.prompt_logprobs else None
+        prompt_topk = None
+        if job.topk_prompt:
+            top = self.topk([request], job.topk_prompt)[0]
+            prompt_topk = TopK(top.ids[:, : job.topk_prompt], top.logprobs[:, : job.topk_prompt])
+        return prompt_lps, prompt_topk
+
+    # ------------------------------------------------------------------------------ observability
+    def metrics(self) -> dict[str, Any]:
+        """Counters a server exports: compiles, adapters (resident / paged), snapshots, the prefix cache,
+        the decode pool, and per-op time and tokens."""
+        pool, dec, cache = self.adapters, self.decoder, self.prefix_cache
+        padded = max(self._stats["padded_tokens"], 1)
+        return {
+            "compiles": dict(self.compile_counts),
+            "adapters": {"total": len(pool), "resident": pool.resident_count, "paged": len(pool) - pool.resident_count,
+                         "page_ins": pool.page_ins, "page_outs": pool.page_outs,
+                         "page_in_seconds_mean": pool.page_in_seconds / max(pool.page_ins, 1)},
+            "snapshots": {"count": len(self.snapshots), "bytes": self.snapshots.live_bytes(),
+                          "sampler_slot_loads": self.snapshots.slot_loads},
+            "prefix_cache": {"entries": len(cache), "bytes": cache.bytes, "lookups": cache.lookups,
+                             "hits": cache.hits, "cached_tokens": cache.cached_tokens},
+            "sampling": {"waiting": dec.waiting, "active_rows": dec.active_rows, "chunks": dec.stats["chunks"],
+                         "tokens": dec.stats["tokens"], "prefill_tokens": dec.stats["prefill_tokens"],
+                         "cached_prompt_tokens": dec.stats["cached_prompt_tokens"],
+                         "batch_fill": dec.stats["active_rows"] / max(dec.stats["pool_rows"], 1),
+                         "queue_wait_seconds": dec.queue_wait_seconds, "seconds": self._seconds["sample"],
+                         "tokens_per_s": dec.stats["tokens"] / max(self._seconds["sample"], 1e-9)},
+            "training": {"batches": self._stats["batches"], "packed_batches": self._stats["packed_batches"],
+                         "tokens": self._stats["tokens"], "padding_fraction": 1 - self._stats["tokens"] / padded,
+                         "optim_steps": self._stats["optim_steps"],
+                         "seconds": {k: v for k, v in self._seconds.items() if k != "sample"},
+                         "tokens_per_s": self._stats["tokens"] / max(self._seconds["forward"]
+                                                                     + self._seconds["forward_backward"], 1e-9)},
+        }
+
+
+__all__ = ["BASE", "Engine"]

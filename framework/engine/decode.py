@@ -1,0 +1,531 @@
+"""Continuous batching for sampling: a pool of KV-cache rows that sequences join and leave at step
+boundaries.
+
+The pool is `R` rows of capacity `C` (both powers of two, grown on demand and compacted when most
+rows are idle). Each engine call (`step`) first admits waiting requests, then decodes every active
+row `decode_chunk` steps in one compiled loop:
+
+- Admission prefills each request's prompt once, whatever its `num_samples`, then copies the
+  prompt's keys/values into one pool row per sample. With the prefix cache it first copies the
+  longest cached prefix of the prompt (from an earlier prompt or a finished sequence of the same
+  snapshot) and computes only the rest (`models.kv_cache.extend`).
+- A decode step emits one token per active row, then feeds it: a row's draw number i uses
+  `fold_in(key(seed, sample), i)`, and rows never read each other's data, so a sequence gets the
+  same tokens and logprobs whichever requests share its steps. A row that emits a stop token or
+  spends its budget goes inactive at once; its cache length freezes, so its keys/values stay whole.
+- Rows of any snapshots, budgets and sampling settings share a step: settings are per-row data and
+  adapters come from the sampler bank by per-row slot. A short request waits at most one chunk
+  behind a long one. Finished rows free their space at the chunk's end, and their
+  prompt + completion go to the prefix cache for the next turn.
+
+Nothing here blocks: `step` is called by the scheduler's worker between training batches.
+Requests whose snapshot has no free sampler slot, or that find the pool full, wait in FIFO order.
+A request with more samples than pool rows is admitted a few samples at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from framework.engine.prefix_cache import PrefixCache
+from framework.engine.requests import SampledRow, SampleJob, SampleResult, TopK
+from framework.engine.snapshots import NoFreeSlot, Snapshot, SnapshotRegistry
+from framework.sampling import RowParams, choose_tokens, sample_keys, truncate_at_stop_strings
+from lora import LoraBank, make_hook
+from models.kv_cache import KVCache, decode_step, extend
+
+logger = logging.getLogger(__name__)
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two ≥ max(n, minimum)."""
+    n = max(n, minimum, 1)
+    return 1 << (n - 1).bit_length()
+
+
+@dataclasses.dataclass
+class _Running:
+    """A request in flight: which of its samples are done, which rows hold the others."""
+
+    job: SampleJob
+    future: Future
+    snapshot: Snapshot
+    submitted: float
+    results: list[SampledRow | None]
+    next_sample: int = 0  # samples [0, next_sample) have been admitted
+    cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(r is not None for r in self.results)
+
+
+@dataclasses.dataclass
+class _Rows:
+    """Host-side state of the pool's rows (numpy, one entry per row)."""
+
+    owner: list[_Running | None]
+    sample: np.ndarray  # int32: the sample index of the row's request
+    active: np.ndarray  # bool
+    counts: np.ndarray  # int32: tokens emitted so far
+    budget: np.ndarray  # int32
+    temperature: np.ndarray
+    top_p: np.ndarray
+    top_k: np.ndarray
+    slot: np.ndarray  # int32: sampler bank slot
+    key_data: np.ndarray  # uint32 [R, 2]
+    stop: np.ndarray  # int32 [R, M], -1 padded
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    topk_ids: list[list[np.ndarray]]
+    topk_logprobs: list[list[np.ndarray]]
+    prompt_len: np.ndarray  # int32
+
+    @classmethod
+    def empty(cls, rows: int, stop_width: int) -> _Rows:
+        return cls(owner=[None] * rows, sample=np.zeros(rows, np.int32), active=np.zeros(rows, bool),
+                   counts=np.zeros(rows, np.int32), budget=np.zeros(rows, np.int32),
+                   temperature=np.ones(rows, np.float32), top_p=np.ones(rows, np.float32),
+                   top_k=np.full(rows, -1, np.int32), slot=np.zeros(rows, np.int32),
+                   key_data=np.zeros((rows, 2), np.uint32), stop=np.full((rows, stop_width), -1, np.int32),
+                   tokens=[[] for _ in range(rows)], logprobs=[[] for _ in range(rows)],
+                   topk_ids=[[] for _ in range(rows)], topk_logprobs=[[] for _ in range(rows)],
+                   prompt_len=np.zeros(rows, np.int32))
+
+    def take(self, index: list[int], rows: int, stop_width: int) -> _Rows:
+        """Rows `index` moved to positions 0.. of a pool of `rows` rows."""
+        out = _Rows.empty(rows, stop_width)
+        for new, old in enumerate(index):
+            out.owner[new] = self.owner[old]
+            for name in ("sample", "active", "counts", "budget", "temperature", "top_p", "top_k", "slot", "key_data",
+                         "prompt_len"):
+                getattr(out, name)[new] = getattr(self, name)[old]
+            width = min(stop_width, self.stop.shape[1])
+            out.stop[new, :width] = self.stop[old, :width]
+            for name in ("tokens", "logprobs", "topk_ids", "topk_logprobs"):
+                getattr(out, name)[new] = getattr(self, name)[old]
+        return out
+
+    def free(self) -> list[int]:
+        return [r for r, owner in enumerate(self.owner) if owner is None]
+
+
+class DecodeLoop:
+    """The continuous-batching sampler of one engine (worker thread only, except `submit`)."""
+
+    def __init__(self, *, graphdef: Any, base: Any, model_config: Any, dtype: Any, registry: SnapshotRegistry,
+                 prefix_cache: PrefixCache, max_rows: int, chunk: int, min_capacity: int,
+                 prompt_extras: Callable[[SampleJob], tuple[np.ndarray | None, TopK | None]],
+                 compile_counts: collections.Counter[str]):
+        self._graphdef, self._base = graphdef, base
+        self._config, self._dtype = model_config, dtype
+        self._registry, self._prefix = registry, prefix_cache
+        self.max_rows, self.chunk, self._min_capacity = max_rows, chunk, min_capacity
+        self._prompt_extras = prompt_extras
+        self.compile_counts = compile_counts
+        self._lock = threading.Lock()
+        self._waiting: collections.deque[_Running] = collections.deque()
+        self._stop_width = 4
+        self._rows = _Rows.empty(0, self._stop_width)
+        self._cache: KVCache | None = None
+        self._logits: jax.Array | None = None
+        self._capacity = 0
+        self.stats = collections.Counter()  # chunks, row_steps, active_row_steps, tokens, prefill_tokens, ...
+        self.queue_wait_seconds = 0.0
+        self._chunk = jax.jit(self._chunk_impl, static_argnames=("steps", "topk"), donate_argnames=("cache", "logits"))
+        self._admit = jax.jit(self._admit_impl, donate_argnames=("cache", "logits"))
+        self._resize = jax.jit(self._resize_impl, static_argnames=("rows", "capacity"))
+        self._place = jax.jit(_place_entry, donate_argnames=("cache",))
+        self._extract = jax.jit(_extract_entry, static_argnames=("length",))
+
+    # ------------------------------------------------------------------------------- interface
+    def submit(self, job: SampleJob, snapshot: Snapshot, future: Future) -> None:
+        """Queue a request (any thread). `snapshot` carries a reference the loop releases when done."""
+        running = _Running(job, future, snapshot, time.perf_counter(), [None] * job.num_samples)
+        with self._lock:
+            self._waiting.append(running)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            waiting = bool(self._waiting)
+        return waiting or bool(self._rows.active.any())
+
+    @property
+    def active_rows(self) -> int:
+        return int(self._rows.active.sum())
+
+    @property
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    def collect(self) -> None:
+        """Drop what released snapshots held: their bank slots and prefix-cache entries."""
+        for snapshot_id in self._registry.drain_freed():
+            self._prefix.purge(snapshot_id)
+
+    def step(self) -> None:
+        """Admit what fits, then decode one chunk; resolves the futures of finished requests."""
+        self.collect()
+        try:
+            self._admit_waiting()
+            if self._rows.active.any():
+                self._ensure_pool(self.active_rows, 0, 0)  # compacts a mostly idle pool
+                self._decode_chunk()
+        except Exception as error:  # the pool's donated buffers may be gone: fail what it held, start afresh
+            logger.exception("sampling step failed; failing the requests in the pool")
+            self._fail_running(error)
+
+    def fail_all(self, error: BaseException) -> None:
+        """Resolve every waiting and running request with `error` (shutdown)."""
+        self._fail_running(error)
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for running in waiting:
+            self._settle(running, error=error)
+
+    # ------------------------------------------------------------------------------- admission
+    def _admit_waiting(self) -> None:
+        plan: list[tuple[_Running, int]] = []  # (request, samples to admit now)
+        free = len(self._rows.free()) + max(0, self.max_rows - len(self._rows.owner))
+        with self._lock:
+            candidates = list(self._waiting)
+        active_sids = {o.job.snapshot_id for o in self._rows.owner if o is not None}
+        for running in candidates:
+            if free <= 0:
+                break
+            if running.next_sample == 0 and not running.future.set_running_or_notify_cancel():
+                self._remove_waiting(running)
+                self._registry.release(running.snapshot.snapshot_id)
+                continue
+            try:
+                self._registry.place(sorted(active_sids | {running.job.snapshot_id}))
+            except NoFreeSlot:
+                continue  # its snapshot waits for a slot; later requests may use loaded ones
+            except Exception as error:  # e.g. the snapshot's weights could not be placed
+                self._remove_waiting(running)
+                self._settle(running, error=error)
+                continue
+            active_sids.add(running.job.snapshot_id)
+            n = min(running.job.num_samples - running.next_sample, free)
+            plan.append((running, n))
+            free -= n
+        if not plan:
+            return
+        for running, n in plan:
+            if running.next_sample + n == running.job.num_samples:
+                self._remove_waiting(running)
+            self.queue_wait_seconds += time.perf_counter() - running.submitted
+        self._admit_plan(plan)
+
+    def _remove_waiting(self, running: _Running) -> None:
+        with self._lock, contextlib.suppress(ValueError):
+            self._waiting.remove(running)
+
+    def _admit_plan(self, plan: list[tuple[_Running, int]]) -> None:
+        slots = self._registry.place(sorted({o.job.snapshot_id for o in self._rows.owner if o is not None}
+                                            | {r.job.snapshot_id for r, _ in plan}))
+        prompts = []  # (running, start, suffix) per prompt row
+        for running, _ in plan:
+            prompt = running.job.prompt
+            entry, shared = self._prefix.lookup(running.job.snapshot_id, prompt, max_shared=len(prompt) - 1)
+            prompts.append((running, entry, shared))
+        new_rows = sum(n for _, n in plan)
+        need_capacity = max(len(r.job.prompt) + r.job.max_tokens + 1 for r, _ in plan)
+        suffix_len = bucket(max(len(r.job.prompt) - shared for r, _, shared in prompts), 16)
+        need_capacity = max(need_capacity, max(shared for _, _, shared in prompts) + suffix_len)
+        stop_width = bucket(max([len(r.job.stop_tokens) for r, _ in plan] + [1]), 4)
+        self._ensure_pool(self.active_rows + new_rows, need_capacity, stop_width)
+
+        p = bucket(len(prompts))
+        temp = KVCache.empty(self._config, p, self._capacity, self._dtype)
+        tokens = np.zeros((p, suffix_len), np.int32)
+        start, lengths, prompt_slots = np.zeros(p, np.int32), np.ones(p, np.int32), np.zeros(p, np.int32)
+        for i, (running, entry, shared) in enumerate(prompts):
+            suffix = running.job.prompt[shared:]
+            tokens[i, : len(suffix)] = suffix
+            start[i], lengths[i] = shared, len(suffix)
+            prompt_slots[i] = slots[running.job.snapshot_id]
+            running.cached_tokens = max(running.cached_tokens, shared)
+            if entry is not None:
+                temp = self._place(temp, entry.kv[:, :, :, : self._capacity], jnp.int32(i))
+        free = self._rows.free()
+        q = bucket(new_rows)
+        dest = np.full(q, len(self._rows.owner), np.int32)  # out of range: dropped
+        src = np.zeros(q, np.int32)
+        k = 0
+        for i, (running, n) in enumerate(plan):
+            job = running.job
+            keys = np.asarray(jax.random.key_data(sample_keys(job.seed, job.num_samples)))
+            for s in range(running.next_sample, running.next_sample + n):
+                row = free[k]
+                dest[k], src[k] = row, i
+                self._start_row(row, running, s, slots[job.snapshot_id], keys[s])
+                k += 1
+            running.next_sample += n
+        bank = self._registry.bank
+        self._cache, self._logits, temp = self._admit(self._base, bank.weights, bank.scales, prompt_slots, temp,
+                                                      tokens, start, lengths, self._cache, self._logits, dest, src)
+        self.stats["prefill_tokens"] += int(lengths[: len(prompts)].sum())
+        self.stats["cached_prompt_tokens"] += int(start[: len(prompts)].sum())
+        if self._prefix.enabled:
+            for i, (running, _, _) in enumerate(prompts):
+                prompt = running.job.prompt
+                if not self._prefix.covers(running.job.snapshot_id, prompt):
+                    self._prefix.insert(running.job.snapshot_id, prompt,
+                                        self._extract(temp, jnp.int32(i), length=bucket(len(prompt))))
+
+    def _start_row(self, row: int, running: _Running, sample: int, slot: int, key_data: np.ndarray) -> None:
+        job, rows = running.job, self._rows
+        rows.owner[row] = running
+        rows.sample[row], rows.active[row], rows.counts[row], rows.budget[row] = sample, True, 0, job.max_tokens
+        rows.temperature[row], rows.top_p[row], rows.top_k[row] = job.temperature, job.top_p, job.top_k
+        rows.slot[row], rows.key_data[row], rows.prompt_len[row] = slot, key_data, len(job.prompt)
+        rows.stop[row] = -1
+        rows.stop[row, : len(job.stop_tokens)] = job.stop_tokens
+        rows.tokens[row], rows.logprobs[row], rows.topk_ids[row], rows.topk_logprobs[row] = [], [], [], []
+        self._registry.pin(slot)
+
+    def _ensure_pool(self, rows_needed: int, capacity_needed: int, stop_width: int) -> None:
+        """Make the pool at least `rows_needed` rows of `capacity_needed` positions (and stop lists at least
+        `stop_width` wide), moving the occupied rows to the front; a mostly idle pool is compacted."""
+        current = len(self._rows.owner)
+        occupied = [r for r, owner in enumerate(self._rows.owner) if owner is not None]
+        held = max([int(self._rows.prompt_len[r] + self._rows.budget[r]) + 1 for r in occupied], default=0)
+        grow = rows_needed > current or capacity_needed > self._capacity or stop_width > self._stop_width
+        shrink = current > 8 and rows_needed <= current // 4
+        if self._cache is not None and not grow and not shrink:
+            return
+        rows = bucket(rows_needed) if shrink or rows_needed > current else current
+        capacity = bucket(max(capacity_needed, held), self._min_capacity)
+        if not shrink:
+            capacity = max(capacity, self._capacity)
+        stop_width = max(stop_width, self._stop_width)
+        if self._cache is None:
+            self._cache = KVCache.empty(self._config, rows, capacity, self._dtype)
+            self._logits = jnp.zeros((rows, self._config.vocab_size), jnp.float32)
+        else:
+            index = np.full(rows, -1, np.int32)
+            index[: len(occupied)] = occupied
+            self._cache, self._logits = self._resize(self._cache, self._logits, index, rows=rows, capacity=capacity)
+        self._rows = self._rows.take(occupied, rows, stop_width)
+        self._capacity, self._stop_width = capacity, stop_width
+
+    # ---------------------------------------------------------------------------------- decoding
+    def _decode_chunk(self) -> None:
+        rows = self._rows
+        wanted = [o.job.topk_sample for o in rows.owner if o is not None and o.job.topk_sample]
+        topk = min(bucket(max(wanted), 4), self._config.vocab_size) if wanted else 0
+        bank = self._registry.bank
+        steps = self.chunk
+        active_before = rows.active.copy()
+        out = self._chunk(self._base, bank.weights, bank.scales, rows.slot, self._cache, self._logits,
+                          rows.key_data, rows.temperature, rows.top_p, rows.top_k, rows.stop, rows.counts,
+                          rows.budget, rows.active, steps=steps, topk=topk)
+        self._cache, self._logits = out["cache"], out["logits"]
+        tokens, logprobs = np.asarray(out["tokens"]), np.asarray(out["logprobs"])
+        counts, active, hit = np.asarray(out["counts"]), np.asarray(out["active"]), np.asarray(out["hit"])
+        if topk:
+            topk_ids, topk_lps = np.asarray(out["topk_ids"]), np.asarray(out["topk_logprobs"])
+        self.stats["chunks"] += 1
+        self.stats["row_steps"] += len(rows.owner) * int(np.asarray(out["steps"]))
+        self.stats["pool_rows"] += len(rows.owner)
+        emitted = counts - rows.counts
+        self.stats["tokens"] += int(emitted.sum())
+        self.stats["active_rows"] += int(active_before.sum())
+        for row in np.flatnonzero(active_before):
+            n = int(emitted[row])
+            rows.tokens[row].extend(tokens[row, :n].tolist())
+            rows.logprobs[row].extend(logprobs[row, :n].tolist())
+            if topk:
+                rows.topk_ids[row].append(topk_ids[row, :n])
+                rows.topk_logprobs[row].append(topk_lps[row, :n])
+        rows.counts[:] = counts
+        rows.active[:] = active
+        for row in np.flatnonzero(active_before):
+            owner = rows.owner[row]
+            job = owner.job
+            stopped = bool(hit[row])
+            keep = len(rows.tokens[row])
+            if job.stop_strings and job.decode is not None:
+                keep, found = truncate_at_stop_strings(rows.tokens[row], list(job.stop_strings), job.decode)
+                stopped = stopped or found
+                if found:
+                    rows.active[row] = False
+            if not rows.active[row]:
+                self._finish_row(int(row), keep, stopped)
+
+    def _finish_row(self, row: int, keep: int, stopped: bool) -> None:
+        rows = self._rows
+        running = rows.owner[row]
+        job = running.job
+        top = None
+        if job.topk_sample and rows.topk_ids[row]:
+            ids = np.concatenate(rows.topk_ids[row])[:keep, : job.topk_sample]
+            lps = np.concatenate(rows.topk_logprobs[row])[:keep, : job.topk_sample]
+            top = TopK(ids, lps)
+        running.results[rows.sample[row]] = SampledRow(rows.tokens[row][:keep], rows.logprobs[row][:keep],
+                                                       "stop" if stopped else "length", top)
+        if self._prefix.enabled and keep > 0:
+            sequence = np.concatenate([job.prompt, np.asarray(rows.tokens[row][:keep], np.int32)])
+            fed = int(rows.prompt_len[row]) + len(rows.tokens[row])  # every emitted token was fed
+            if not self._prefix.covers(job.snapshot_id, sequence):
+                kv = self._extract(self._cache, jnp.int32(row), length=min(bucket(fed), self._capacity))
+                self._prefix.insert(job.snapshot_id, sequence, kv)
+        self._registry.unpin(int(rows.slot[row]))
+        rows.owner[row] = None
+        rows.active[row] = False
+        if running.finished:
+            self._complete(running)
+
+    def _complete(self, running: _Running) -> None:
+        try:
+            prompt_lps, prompt_topk = self._prompt_extras(running.job)
+            result = SampleResult(list(running.results), prompt_lps, running.snapshot.version, prompt_topk,
+                                  cached_prompt_tokens=running.cached_tokens)
+        except Exception as error:
+            self._settle(running, error=error)
+            return
+        self._settle(running, result=result)
+
+    def _settle(self, running: _Running, *, result: Any = None, error: BaseException | None = None) -> None:
+        self._registry.release(running.snapshot.snapshot_id)
+        future = running.future
+        if future.done():
+            return
+        if not future.running() and not future.set_running_or_notify_cancel():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def _fail_running(self, error: BaseException) -> None:
+        running = {id(o): o for o in self._rows.owner if o is not None}
+        for owner in running.values():
+            self._settle(owner, error=error)
+        for row, owner in enumerate(self._rows.owner):
+            if owner is not None:
+                self._registry.unpin(int(self._rows.slot[row]))
+        # Requests only partly admitted also leave the queue: their remaining samples cannot complete them.
+        with self._lock:
+            self._waiting = collections.deque(r for r in self._waiting if id(r) not in running)
+        self._rows = _Rows.empty(0, self._stop_width)
+        self._cache = self._logits = None
+        self._capacity = 0
+
+    # ------------------------------------------------------------------------------ compiled parts
+    def _model(self, base: Any) -> Any:
+        return nnx.merge(self._graphdef, base)
+
+    def _chunk_impl(self, base, bank_weights, bank_scales, slot, cache, logits, key_data, temperature, top_p, top_k,
+                    stop, counts, budget, active, *, steps: int, topk: int) -> dict[str, Any]:
+        self.compile_counts["decode"] += 1
+        model = self._model(base)
+        hook = make_hook(LoraBank(bank_weights, bank_scales), slot)
+        params = RowParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=budget,
+                           keys=jax.random.wrap_key_data(key_data), stop_tokens=stop)
+        rows = counts.shape[0]
+        out = {"tokens": jnp.zeros((rows, steps), jnp.int32), "logprobs": jnp.zeros((rows, steps), jnp.float32)}
+        if topk:
+            out["topk_ids"] = jnp.zeros((rows, steps, topk), jnp.int32)
+            out["topk_logprobs"] = jnp.zeros((rows, steps, topk), jnp.float32)
+        # Output column of a row = its draw number within this chunk; rows stay aligned because a row
+        # that goes inactive never comes back within a chunk.
+        column0 = counts
+
+        def cond(carry):
+            i, _, _, _, active, _, _ = carry
+            return (i < steps) & jnp.any(active)
+
+        def body(carry):
+            i, cache, logits, counts, active, hit, out = carry
+            token = jnp.where(active, choose_tokens(logits, params, counts), 0)
+            logz = jax.nn.logsumexp(logits, axis=-1)
+            logprob = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - logz
+            col = counts - column0
+            write = jax.vmap(lambda buf, c, x: jax.lax.dynamic_update_index_in_dim(buf, x, c, axis=0))
+            out = dict(out)
+            out["tokens"] = write(out["tokens"], col, jnp.where(active, token, 0))
+            out["logprobs"] = write(out["logprobs"], col, jnp.where(active, logprob, 0.0))
+            if topk:
+                values, ids = jax.lax.top_k(logits, topk)
+                out["topk_ids"] = write(out["topk_ids"], col, ids)
+                out["topk_logprobs"] = write(out["topk_logprobs"], col, values - logz[:, None])
+            stopped = active & jnp.any(token[:, None] == params.stop_tokens, axis=-1)
+            counts = counts + active.astype(jnp.int32)
+            lengths = cache.lengths
+            new_logits, cache = decode_step(model, token, cache, hook=hook)
+            cache = dataclasses.replace(cache, lengths=jnp.where(active, cache.lengths, lengths))  # freeze idle rows
+            logits = jnp.where(active[:, None], new_logits, logits)
+            active = active & ~stopped & (counts < budget)
+            return i + 1, cache, logits, counts, active, hit | stopped, out
+
+        carry = (jnp.int32(0), cache, logits, counts, active, jnp.zeros_like(active), out)
+        steps_run, cache, logits, counts, active, hit, out = jax.lax.while_loop(cond, body, carry)
+        return {**out, "cache": cache, "logits": logits, "counts": counts, "active": active, "hit": hit,
+                "steps": steps_run}
+
+    def _admit_impl(self, base, bank_weights, bank_scales, prompt_slots, temp, tokens, start, lengths, cache, logits,
+                    dest, src):
+        """Prefill the prompts into `temp` (after any cached prefix), then copy each into its pool rows."""
+        self.compile_counts["prefill"] += 1
+        model = self._model(base)
+        hook = make_hook(LoraBank(bank_weights, bank_scales), prompt_slots)
+        last_logits, temp = extend(model, tokens, start, lengths, temp, hook=hook)
+
+        def scatter(pool, new):
+            return pool.at[dest].set(new[src], mode="drop")
+
+        cache = KVCache(tuple(map(scatter, cache.keys, temp.keys)), tuple(map(scatter, cache.values, temp.values)),
+                        scatter(cache.lengths, temp.lengths))
+        return cache, scatter(logits, last_logits), temp
+
+    def _resize_impl(self, cache, logits, index, *, rows: int, capacity: int):
+        """A pool of `rows` x `capacity` holding old rows `index` (-1: empty) at rows 0.. (truncating or
+        zero-padding positions: rows never hold more than `capacity`)."""
+        self.compile_counts["pool_resize"] += 1
+        valid = index >= 0
+        safe = jnp.maximum(index, 0)
+
+        def move(buf):
+            out = jnp.where(valid.reshape((-1,) + (1,) * (buf.ndim - 1)), buf[safe], 0)
+            c = buf.shape[2]
+            if capacity > c:
+                return jnp.pad(out, ((0, 0), (0, 0), (0, capacity - c), (0, 0)))
+            return out[:, :, :capacity]
+
+        lengths = jnp.where(valid, cache.lengths[safe], 0)
+        return (KVCache(tuple(map(move, cache.keys)), tuple(map(move, cache.values)), lengths),
+                jnp.where(valid[:, None], logits[safe], 0.0))
+
+
+def _place_entry(cache: KVCache, kv: jax.Array, row: jax.Array) -> KVCache:
+    """Copy a prefix-cache entry `kv [L, 2, K, n, H]` into positions 0..n-1 of `row`."""
+    keys = tuple(jax.lax.dynamic_update_slice(k, kv[i, 0][None].astype(k.dtype), (row, 0, 0, 0))
+                 for i, k in enumerate(cache.keys))
+    values = tuple(jax.lax.dynamic_update_slice(v, kv[i, 1][None].astype(v.dtype), (row, 0, 0, 0))
+                   for i, v in enumerate(cache.values))
+    return KVCache(keys, values, cache.lengths)
+
+
+def _extract_entry(cache: KVCache, row: jax.Array, *, length: int) -> jax.Array:
+    """Positions 0..length-1 of `row` as a prefix-cache entry `[L, 2, K, length, H]`."""
+    def part(buf):
+        return jax.lax.dynamic_slice_in_dim(buf[row], 0, length, axis=1)
+
+    return jnp.stack([jnp.stack([part(k), part(v)]) for k, v in zip(cache.keys, cache.values, strict=True)])
+

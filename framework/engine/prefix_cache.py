@@ -1,0 +1,114 @@
+"""The prefix cache: keys/values of recent sequences per snapshot, so a request that extends an
+earlier one (the next turn of a rollout, `compute_logprobs` after `sample`) computes only its new
+tokens.
+
+An entry is the KV of one token sequence under one snapshot, `[L, 2, K, n, H]` on the device with n
+the sequence length rounded up to a power of two (few compiled copy programs). Keys and values at
+position i depend only on tokens 0..i, so any entry that shares a prefix with a new sequence serves
+that prefix: `lookup` returns the entry with the longest common prefix. Entries are evicted least
+recently used first to stay within a byte budget; a freed snapshot's entries go at once (`purge`).
+A sequence that is a prefix of a cached one adds nothing; one that extends a cached one replaces it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import jax
+import numpy as np
+
+MIN_SHARED = 8
+"""Fewer shared tokens than this are recomputed: copying the entry would cost about as much."""
+
+
+@dataclasses.dataclass
+class PrefixEntry:
+    snapshot_id: str
+    tokens: np.ndarray  # [n] int32: the sequence whose keys/values `kv` holds
+    kv: jax.Array  # [L, 2, K, n_bucket, H]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.kv.nbytes)
+
+
+def shared_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n
+
+
+class PrefixCache:
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self._entries: collections.OrderedDict[int, PrefixEntry] = collections.OrderedDict()  # LRU order
+        self._by_snapshot: dict[str, set[int]] = collections.defaultdict(set)
+        self._ids = 0
+        self.bytes = 0
+        self.lookups = 0
+        self.hits = 0
+        self.cached_tokens = 0  # tokens served from entries instead of computed
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget_bytes > 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, snapshot_id: str, tokens: np.ndarray, max_shared: int) -> tuple[PrefixEntry | None, int]:
+        """The entry sharing the longest prefix (at most `max_shared` tokens) with `tokens`, and that length;
+        `(None, 0)` when none shares at least `MIN_SHARED`."""
+        if not self.enabled:
+            return None, 0
+        self.lookups += 1
+        best, best_len = None, 0
+        for key in self._by_snapshot.get(snapshot_id, ()):
+            entry = self._entries[key]
+            n = min(shared_prefix(entry.tokens, tokens), max_shared)
+            if n > best_len:
+                best, best_len = key, n
+        if best is None or best_len < MIN_SHARED:
+            return None, 0
+        self._entries.move_to_end(best)
+        self.hits += 1
+        self.cached_tokens += best_len
+        return self._entries[best], best_len
+
+    def covers(self, snapshot_id: str, tokens: np.ndarray) -> bool:
+        """Whether an entry already holds all of `tokens` (inserting them would add nothing)."""
+        for key in self._by_snapshot.get(snapshot_id, ()):
+            entry = self._entries[key]
+            if len(entry.tokens) >= len(tokens) and shared_prefix(entry.tokens, tokens) == len(tokens):
+                self._entries.move_to_end(key)
+                return True
+        return False
+
+    def insert(self, snapshot_id: str, tokens: np.ndarray, kv: jax.Array) -> None:
+        if not self.enabled or kv.nbytes > self.budget_bytes:
+            return
+        tokens = np.asarray(tokens, np.int32)
+        for key in list(self._by_snapshot.get(snapshot_id, ())):  # entries the new one extends
+            entry = self._entries[key]
+            if len(entry.tokens) <= len(tokens) and shared_prefix(entry.tokens, tokens) == len(entry.tokens):
+                self._drop(key)
+        self._ids += 1
+        self._entries[self._ids] = PrefixEntry(snapshot_id, tokens, kv)
+        self._by_snapshot[snapshot_id].add(self._ids)
+        self.bytes += int(kv.nbytes)
+        while self.bytes > self.budget_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def purge(self, snapshot_id: str) -> None:
+        for key in list(self._by_snapshot.get(snapshot_id, ())):
+            self._drop(key)
+        self._by_snapshot.pop(snapshot_id, None)
+
+    def _drop(self, key: int) -> None:
+        entry = self._entries.pop(key)
+        self.bytes -= entry.nbytes
+        keys = self._by_snapshot[entry.snapshot_id]
+        keys.discard(key)
+        if not keys:
+            del self._by_snapshot[entry.snapshot_id]

@@ -1,0 +1,157 @@
+"""The compiled training steps: forward (logprobs + loss), forward/backward (+ gradients), a custom
+loss's forward/backward, and AdamW over several adapters at once.
+
+Adapters come in as a tuple of G weight pytrees (one per adapter the batch uses, padded to a power of
+two with a shared all-zero adapter of scale 0) and are stacked inside the step, so a step's cost and
+memory follow the adapters it uses, never the number of adapters the engine holds. Gradients come
+back per adapter; the engine adds them to each adapter's own accumulator.
+
+Nothing is donated: a step that fails leaves every adapter's weights, moments and gradients as they
+were (the engine then retries each request alone, and no tenant's state is lost).
+
+Compiled once per (op, loss, G, rows, row length, datum count, packed) — all powers of two — and,
+for custom losses, per loss structure and lengths (an LRU of `custom_steps` programs).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from framework.engine.packing import Batch
+from framework.losses import LOSSES
+from framework.optim import adamw_step
+from lora import LoraBank, LoraWeights, make_hook
+from models import token_logprobs
+
+
+def stack_adapters(adapters: Sequence[LoraWeights]) -> LoraWeights:
+    """`G` adapters `[L, d, R]` → one bank `[L, G, d, R]` per leaf."""
+    return jax.tree.map(lambda *ws: jnp.stack(ws, axis=1), *adapters)
+
+
+def _reduce_by_datum(values: jax.Array, datum_ids: jax.Array, num_datums: int, op: str) -> jax.Array:
+    """Per-token `[B*T]` values → per datum `[D]` (padding tokens carry id D and are dropped)."""
+    if op == "max":
+        return jax.ops.segment_max(values, datum_ids, num_segments=num_datums + 1)[:num_datums]
+    return jax.ops.segment_sum(values, datum_ids, num_segments=num_datums + 1)[:num_datums]
+
+
+_METRIC_REDUCTION = {"logprob_gap_sum": "sum", "logprob_gap_max": "max", "logprob_gap_count": "sum"}
+
+
+class TrainingSteps:
+    """The jitted steps of one engine (state-free: the engine passes everything in)."""
+
+    def __init__(self, graphdef: Any, compile_counts: collections.Counter[str], custom_capacity: int):
+        self._graphdef = graphdef
+        self.compile_counts = compile_counts
+        self.forward = jax.jit(self._forward_impl, static_argnames=("loss_name", "num_datums"))
+        self.forward_backward = jax.jit(self._forward_backward_impl, static_argnames=("loss_name", "num_datums"))
+        self.optim = jax.jit(self._optim_impl)
+        self.accumulate = jax.jit(lambda acc, g: jax.tree.map(jnp.add, acc, g))
+        self._custom: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        self._custom_seen: collections.OrderedDict[Any, int] = collections.OrderedDict()
+        self._custom_capacity = custom_capacity
+        self._lock = threading.Lock()  # `wants_custom_step` runs on client threads
+
+    # ------------------------------------------------------------------------------ built-in losses
+    def _logprobs(self, base, adapters, scales, batch_arrays) -> jax.Array:
+        model = nnx.merge(self._graphdef, base)
+        hook = make_hook(LoraBank(stack_adapters(adapters), scales), batch_arrays["row_group"])
+        logits = model(batch_arrays["tokens"], batch_arrays["positions"], hook=hook,
+                       segment_ids=batch_arrays.get("segments"))
+        return token_logprobs(logits, batch_arrays["inputs"]["target_tokens"])
+
+    @staticmethod
+    def _loss(loss_name, logprobs, batch_arrays, num_datums):
+        """Per-token loss summed by datum: `(total, loss [D], metrics {k: [D]})`."""
+        inputs = {k: v.reshape(-1, 1) for k, v in batch_arrays["inputs"].items()}
+        config = {k: v.reshape(-1) for k, v in batch_arrays["config"].items()}
+        loss_tokens, metrics = LOSSES[loss_name].fn(logprobs.reshape(-1, 1), inputs, config)
+        ids = batch_arrays["datum_ids"].reshape(-1)
+        per_datum = _reduce_by_datum(loss_tokens, ids, num_datums, "sum")
+        metrics = {k: _reduce_by_datum(v, ids, num_datums, _METRIC_REDUCTION[k]) for k, v in metrics.items()}
+        return loss_tokens.sum(), per_datum, metrics
+
+    def _forward_impl(self, base, adapters, scales, batch_arrays, *, loss_name, num_datums):
+        self.compile_counts["forward"] += 1
+        logprobs = self._logprobs(base, adapters, scales, batch_arrays)
+        _, loss, metrics = self._loss(loss_name, logprobs, batch_arrays, num_datums)
+        return logprobs, loss, metrics
+
+    def _forward_backward_impl(self, base, adapters, scales, batch_arrays, *, loss_name, num_datums):
+        self.compile_counts["forward_backward"] += 1
+
+        def objective(adapters):
+            logprobs = self._logprobs(base, adapters, scales, batch_arrays)
+            total, loss, metrics = self._loss(loss_name, logprobs, batch_arrays, num_datums)
+            return total, (logprobs, loss, metrics)
+
+        grads, (logprobs, loss, metrics) = jax.grad(objective, has_aux=True)(adapters)
+        return grads, logprobs, loss, metrics
+
+    # ---------------------------------------------------------------------------------- custom loss
+    def custom_step(self, loss: Any, out_tree: Any, lengths: tuple[int, ...]) -> Any:
+        """The compiled step for a traced custom loss over datums of `lengths` (LRU-cached)."""
+        key = (str(loss.jaxpr), lengths)
+        with self._lock:
+            step = self._custom.get(key)
+            if step is None:
+                step = jax.jit(functools.partial(self._custom_impl, jaxpr=loss.jaxpr, out_tree=out_tree,
+                                                 lengths=lengths))
+                self._custom[key] = step
+                while len(self._custom) > self._custom_capacity:
+                    self._custom.popitem(last=False)
+            self._custom.move_to_end(key)
+        return step
+
+    def wants_custom_step(self, loss: Any, lengths: Sequence[int]) -> bool:
+        """Whether a traced custom loss should get a compiled step of its own: once the same structure
+        and lengths come a second time (or are compiled already). A one-off is cheaper through the
+        two-pass path, which reuses the bucketed cross-entropy steps."""
+        key = (str(loss.jaxpr), tuple(lengths))
+        with self._lock:
+            seen = self._custom_seen.pop(key, 0) + 1
+            self._custom_seen[key] = seen
+            while len(self._custom_seen) > 64 * self._custom_capacity:
+                self._custom_seen.popitem(last=False)
+            return key in self._custom or seen >= 2
+
+    def _custom_impl(self, base, adapter, scale, tokens, targets, consts, *, jaxpr, out_tree, lengths):
+        self.compile_counts["forward_backward_custom"] += 1
+        model = nnx.merge(self._graphdef, base)
+        rows = jnp.zeros((tokens.shape[0],), jnp.int32)
+
+        def objective(adapter):
+            hook = make_hook(LoraBank(stack_adapters([adapter]), scale[None]), rows)
+            logprobs = token_logprobs(model(tokens, hook=hook), targets)
+            outs = jax.core.eval_jaxpr(jaxpr, consts, *[logprobs[i, :n] for i, n in enumerate(lengths)])
+            value, metrics = jax.tree.unflatten(out_tree, outs)
+            return value, (logprobs, value, metrics)
+
+        grads, (logprobs, value, metrics) = jax.grad(objective, has_aux=True)(adapter)
+        return grads, logprobs, value, metrics
+
+    # --------------------------------------------------------------------------------------- AdamW
+    def _optim_impl(self, params, grads, opt_states, hps):
+        """AdamW on K adapters at once (tuples of K); each adapter's update reads only its own state."""
+        self.compile_counts["optim_step"] += 1
+        out = [adamw_step(p, g, s, hp) for p, g, s, hp in zip(params, grads, opt_states, hps, strict=True)]
+        return tuple(o[0] for o in out), tuple(o[1] for o in out), tuple(o[2] for o in out)
+
+
+def batch_arrays(batch: Batch) -> dict[str, Any]:
+    """The arrays of a `Batch` the compiled steps read (segments only when packed)."""
+    arrays = {"tokens": batch.tokens, "positions": batch.positions, "row_group": batch.row_group,
+              "inputs": batch.inputs, "config": batch.config, "datum_ids": batch.datum_ids}
+    if batch.segments is not None:
+        arrays["segments"] = batch.segments
+    return arrays
