@@ -133,10 +133,14 @@ def weights(client):
 
 
 def full_state(client):
-    """Weights, AdamW state, accumulated gradients and step of the client's adapter (host copies)."""
-    return on_worker(client, lambda e, a: {
-        "weights": e.adapter_weights(a.adapter_id), "opt_state": a.opt_state,
-        "grads": jax.tree.map(lambda g: g[:, a.slot], e._grads), "step": a.step})
+    """Weights, AdamW state (fresh if it never stepped), accumulated gradients (zeros if none) and step
+    of the client's adapter (host copies)."""
+    def read(e, a):
+        state = e.training_state(a.adapter_id)
+        grads = a.grads if a.grads is not None else jax.tree.map(np.zeros_like, state["weights"])
+        return {"weights": state["weights"], "opt_state": state["opt_state"], "grads": grads, "step": a.step}
+
+    return on_worker(client, read)
 
 
 def assert_trees_equal(a, b, err_msg: str = "") -> None:
@@ -338,7 +342,7 @@ def test_tenants_do_not_affect_each_other(tenants, engine, scheduler, monkeypatc
     calls = []
     real_forward = engine.forward
     monkeypatch.setattr(engine, "forward", lambda requests, **kw: calls.append(
-        [r[0] for r in requests]) or real_forward(requests, **kw))
+        [r.adapter_id for r in requests]) or real_forward(requests, **kw))
     with held(scheduler):
         futures = [c.forward_backward(p, "cross_entropy") for c, p in zip(clients, probes, strict=True)]
     together = [f.result() for f in futures]
@@ -364,11 +368,13 @@ def test_tenants_do_not_affect_each_other(tenants, engine, scheduler, monkeypatc
 def test_no_recompilation_when_adapters_and_lengths_change(tenants, service, engine, scheduler):
     """Invariant 5: after one pass over each shape, new adapters (other ranks and targets), removed
     adapters, restored checkpoints, sampler weights from files and other lengths within the buckets
-    compile nothing: neither a new trace (`compile_counts`) nor a new executable (the jit caches)."""
-    jitted = {"forward": engine._fwd, "forward_backward": engine._fwd_bwd, "optim_step": engine._optim,
-              "sample": engine._sample}
+    compile nothing: neither a new trace (`compile_counts`) nor a new executable (the jit caches).
+    (Each workload's first batch packs into 2 rows of 32 tokens, its prompts prefill in 16 tokens and
+    decode in a pool of 32 positions: the same buckets with other lengths.)"""
+    jitted = {"forward": engine._steps.forward, "forward_backward": engine._steps.forward_backward,
+              "optim_step": engine._steps.optim, "decode": engine.decoder._chunk, "prefill": engine.decoder._admit}
 
-    def workload(clients, lengths, seed, sampler=None):
+    def workload(clients, lengths, prompt_len, seed, sampler=None):
         rng = np.random.default_rng(seed)
         first = clients[0]
         first.forward_backward([datum(rng, n) for n in lengths], "cross_entropy").result()
@@ -380,12 +386,12 @@ def test_no_recompilation_when_adapters_and_lengths_change(tenants, service, eng
                      for c, n in zip(clients, lengths, strict=False)]
         [f.result() for f in mixed]
         sampler = sampler or first.save_weights_and_get_sampling_client()
-        prompt = types.ModelInput.from_ints(rng.integers(3, VOCAB, lengths[1]).tolist())
+        prompt = types.ModelInput.from_ints(rng.integers(3, VOCAB, prompt_len).tolist())
         sampler.sample(prompt, 4, params(max_tokens=16 - seed % 5, seed=seed)).result()
         sampler.compute_logprobs(prompt).result()
 
     warm = [tenants.new(rank=8, seed=1), tenants.new(rank=8, seed=2), tenants.new(rank=8, seed=3)]
-    workload(warm, (20, 13, 7), seed=0)
+    workload(warm, (20, 13, 7), 12, seed=0)
     state_path = warm[0].save_state("warm").result().path
     sampler_path = warm[0].save_weights_for_sampler("warm").result().path
     counts = dict(engine.compile_counts)
@@ -397,8 +403,8 @@ def test_no_recompilation_when_adapters_and_lengths_change(tenants, service, eng
     fresh = [tenants.new(rank=3, seed=4, train_mlp=False), tenants.new(rank=5, seed=5, train_attn=False)]
     restored = tenants.track(service.create_training_client_from_state_with_optimizer(state_path))
     warm[0].load_state(state_path).result()
-    workload([fresh[0], restored, fresh[1]], (31, 2, 24, 9), seed=1)
-    workload([fresh[1], warm[0], restored], (17, 29, 1), seed=2,
+    workload([fresh[0], restored, fresh[1]], (29, 3, 18, 11), 9, seed=1)
+    workload([fresh[1], warm[0], restored], (17, 29, 1), 3, seed=2,
              sampler=service.create_sampling_client(model_path=sampler_path))
 
     assert dict(engine.compile_counts) == counts

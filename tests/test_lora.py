@@ -24,7 +24,7 @@ from hf_checkpoints import load_torch_model
 from safetensors.numpy import load_file, save_file
 
 import lora
-from framework.engine import DatumArrays, Engine, EngineConfig
+from framework.engine import DatumArrays, Engine, EngineConfig, ForwardRequest, OptimRequest
 from framework.optim import AdamHyperparams
 from lora.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from models import load_checkpoint
@@ -135,8 +135,8 @@ def test_padded_rank_columns_stay_zero_under_training(models, tiny_checkpoint):
         datums.append(DatumArrays(ids[:-1], {"target_tokens": ids[1:], "weights": np.ones(n, np.float32)}))
     hp = AdamHyperparams.make(1e-2, weight_decay=0.1)
     for _ in range(3):
-        engine.forward([(adapter_id, datums, "cross_entropy", {})], backward=True)
-        engine.optim_step(adapter_id, hp)
+        engine.forward([ForwardRequest(adapter_id, datums, "cross_entropy")], backward=True)
+        engine.optim_step([OptimRequest(adapter_id, hp)])
     weights = jax.device_get(engine.adapter_weights(adapter_id))
     for t, ab in weights.items():
         a, b = ab["a"], ab["b"]

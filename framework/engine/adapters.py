@@ -75,6 +75,9 @@ class AdapterPool:
     def __len__(self) -> int:
         return len(self._adapters)
 
+    def __getitem__(self, adapter_id: str) -> AdapterState:
+        return self.get(adapter_id)
+
     def get(self, adapter_id: str) -> AdapterState:
         try:
             return self._adapters[adapter_id]

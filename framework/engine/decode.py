@@ -285,8 +285,9 @@ class DecodeLoop:
             for i, (running, _, _) in enumerate(prompts):
                 prompt = running.job.prompt
                 if not self._prefix.covers(running.job.snapshot_id, prompt):
-                    self._prefix.insert(running.job.snapshot_id, prompt,
-                                        self._extract(temp, jnp.int32(i), length=bucket(len(prompt))))
+                    length = min(bucket(len(prompt), 16), self._capacity)
+                    self._prefix.insert(running.job.snapshot_id, prompt, self._extract(temp, jnp.int32(i),
+                                                                                       length=length))
 
     def _start_row(self, row: int, running: _Running, sample: int, slot: int, key_data: np.ndarray) -> None:
         job, rows = running.job, self._rows
@@ -383,7 +384,7 @@ class DecodeLoop:
             sequence = np.concatenate([job.prompt, np.asarray(rows.tokens[row][:keep], np.int32)])
             fed = int(rows.prompt_len[row]) + len(rows.tokens[row])  # every emitted token was fed
             if not self._prefix.covers(job.snapshot_id, sequence):
-                kv = self._extract(self._cache, jnp.int32(row), length=min(bucket(fed), self._capacity))
+                kv = self._extract(self._cache, jnp.int32(row), length=min(bucket(fed, 16), self._capacity))
                 self._prefix.insert(job.snapshot_id, sequence, kv)
         self._registry.unpin(int(rows.slot[row]))
         rows.owner[row] = None

@@ -1,0 +1,449 @@
+"""The engine as a long-running multi-tenant server: any number of tenants (paging), bounded memory
+(snapshot lifetimes), versions that never lie, a worker that cannot die, I/O off the worker,
+continuous batching, shared prefixes, packed training rows and batched optim steps.
+
+Tiny 2-layer tied qwen2 (vocab 301) throughout; sequences stay in the 32-token bucket.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from framework import ServiceClient, types
+from framework.engine import Engine, EngineConfig, ForwardRequest, OptimRequest, SampleJob
+from framework.optim import AdamHyperparams
+from framework.scheduler import SchedulerClosed
+
+BASE = "qwen2_tied"
+VOCAB = 301
+LR = types.AdamParams(learning_rate=5e-3)
+
+
+@pytest.fixture(scope="module")
+def base_model(tiny_checkpoint) -> str:
+    return str(tiny_checkpoint(BASE))
+
+
+def datum(rng: np.random.Generator, n: int) -> types.Datum:
+    ids = rng.integers(3, VOCAB, n + 1)
+    return types.Datum(model_input=types.ModelInput.from_ints(ids[:-1].tolist()),
+                       loss_fn_inputs={"target_tokens": ids[1:], "weights": np.ones(n, np.float32)})
+
+
+def batch(seed: int, lengths=(20, 13, 7)) -> list[types.Datum]:
+    rng = np.random.default_rng(seed)
+    return [datum(rng, n) for n in lengths]
+
+
+def params(**kwargs) -> types.SamplingParams:
+    return types.SamplingParams(**{"max_tokens": 12, "seed": 0, "stop": [], **kwargs})
+
+
+PROMPT = types.ModelInput.from_ints(np.random.default_rng(7).integers(3, VOCAB, 10).tolist())
+
+
+def weights_of(client) -> dict:
+    return client._scheduler.call(lambda: jax.device_get(client._engine.adapter_weights(client.model_id))).result()
+
+
+def assert_trees_equal(a, b, msg: str = "") -> None:
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y, err_msg=msg)
+
+
+def train(client, steps: int, seed: int) -> list[float]:
+    losses = []
+    for s in range(steps):
+        losses.append(client.forward_backward(batch(seed + s), "cross_entropy").result().metrics["loss:sum"])
+        client.optim_step(LR).result()
+    return losses
+
+
+# --------------------------------------------------------------------------------- any number of tenants
+def test_forty_tenants_on_default_settings_page_out_and_back_bit_for_bit(base_model, tmp_path):
+    """40 training clients on an engine that keeps 8 on the device: all train, none sees a slot error,
+    and the first two, paged out and back in between their steps, equal a solo replay bitwise."""
+    with ServiceClient(home=tmp_path) as service:
+        clients = [service.create_lora_training_client(base_model, rank=4, seed=i) for i in range(40)]
+        engine = clients[0]._engine
+        assert engine.config.max_adapters == 8
+        losses = {c.model_id: [] for c in clients}
+        for round_ in range(2):
+            for i, c in enumerate(clients):  # each client's step runs alone: the replay runs the same programs
+                losses[c.model_id].append(
+                    c.forward_backward(batch(100 * i + round_), "cross_entropy").result().metrics["loss:sum"])
+                c.optim_step(LR).result()
+        metrics = engine.metrics()["adapters"]
+        assert metrics["total"] == 40 and metrics["resident"] <= 8 and metrics["page_ins"] >= 40
+        trained = [weights_of(c) for c in clients[:2]]
+        for i, c in enumerate(clients[:2]):
+            replay = service.create_lora_training_client(base_model, rank=4, seed=i)
+            replay_losses = []
+            for round_ in range(2):
+                replay_losses.append(
+                    replay.forward_backward(batch(100 * i + round_), "cross_entropy").result().metrics["loss:sum"])
+                replay.optim_step(LR).result()
+            assert replay_losses == losses[c.model_id]
+            assert_trees_equal(weights_of(replay), trained[i], msg=f"tenant {i}")
+        assert all(np.isfinite(v).all() for v in losses.values())
+        # Releasing frees the adapter; the engine forgets it.
+        clients[5].release().result()
+        assert clients[5].model_id not in engine.adapters
+        with pytest.raises(ValueError, match="released"):
+            clients[5].forward_backward(batch(0), "cross_entropy")
+
+
+def test_paging_moves_every_part_of_the_state(base_model):
+    """Weights, AdamW moments, pending gradients and the step survive a page-out/page-in exactly;
+    gradient and optimizer buffers exist only once an adapter needs them."""
+    engine = Engine(base_model, EngineConfig(max_adapters=1, max_rank=8))
+    rng = np.random.default_rng(0)
+    from framework.validation import datums_to_arrays
+
+    arrays, _ = datums_to_arrays([datum(rng, 12)], "cross_entropy", None, vocab_size=VOCAB, max_seq_len=64)
+    a = engine.create_adapter(rank=4, seed=1)
+    assert a.grads is None and a.opt_state is None
+    engine.forward([ForwardRequest(a.adapter_id, arrays, "cross_entropy")], backward=True)
+    engine.optim_step([OptimRequest(a.adapter_id, AdamHyperparams.make(1e-2))])
+    assert a.grads is None and a.opt_state is not None and a.version == 1
+    engine.forward([ForwardRequest(a.adapter_id, arrays, "cross_entropy")], backward=True)
+    before = jax.device_get((a.weights, a.opt_state, a.grads))
+    b = engine.create_adapter(rank=4, seed=2)  # pages `a` out
+    assert not a.resident and b.resident
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves((a.weights, a.opt_state, a.grads)))
+    engine.adapters.ensure_resident([a.adapter_id])
+    assert a.resident and not b.resident
+    after = jax.device_get((a.weights, a.opt_state, a.grads))
+    assert_trees_equal(after, before)
+    assert engine.adapters.page_in_seconds > 0
+
+
+def test_sixteen_threads_train_and_sample_like_their_solo_runs(base_model, tmp_path):
+    """16 threads, each with its own adapter, loop train + publish + sample at once: every future
+    resolves (no deadlock) and each tenant's losses and greedy samples equal its solo run."""
+    def loop(service, seed, out):
+        client = service.create_lora_training_client(base_model, rank=4, seed=seed)
+        record = []
+        for step in range(2):
+            fb = client.forward_backward(batch(seed * 10 + step, (9, 5)), "cross_entropy")
+            client.optim_step(LR)
+            sampler = client.save_weights_and_get_sampling_client()
+            sample = sampler.sample(PROMPT, 2, params(max_tokens=6, temperature=0.0)).result(120)
+            record.append((fb.result(120).metrics["loss:sum"], [s.tokens for s in sample.sequences],
+                           [s.logprobs for s in sample.sequences]))
+        out[seed] = record
+
+    config = EngineConfig(max_rank=8)
+    with ServiceClient(engine_config=config, home=tmp_path / "together") as service:
+        together: dict[int, list] = {}
+        threads = [threading.Thread(target=loop, args=(service, seed, together)) for seed in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        assert not any(t.is_alive() for t in threads), "deadlock: a tenant's loop never finished"
+        assert len(together) == 16
+    with ServiceClient(engine_config=config, home=tmp_path / "solo") as service:
+        for seed in (0, 7, 15):
+            solo: dict[int, list] = {}
+            loop(service, seed, solo)
+            for (loss, tokens, lps), (loss_t, tokens_t, lps_t) in zip(solo[seed], together[seed], strict=True):
+                assert loss_t == pytest.approx(loss, rel=1e-5)
+                assert tokens_t == tokens
+                np.testing.assert_allclose(np.concatenate(lps_t), np.concatenate(lps), atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ versions and snapshots
+def test_a_rolled_back_adapter_serves_the_rolled_back_weights(base_model, tmp_path):
+    """Save at step 3, train to step 6, publish, load the step-3 state, publish again: the new sampler
+    serves the step-3 weights, under a new version."""
+    with ServiceClient(home=tmp_path) as service:
+        client = service.create_lora_training_client(base_model, rank=4, seed=3)
+        train(client, 3, seed=0)
+        at_three = client.save_weights_and_get_sampling_client()
+        path = client.save_state("three").result().path
+        train(client, 3, seed=10)
+        at_six = client.save_weights_and_get_sampling_client()
+        client.load_state_with_optimizer(path).result()
+        rolled_back = client.save_weights_and_get_sampling_client()
+        assert (at_three.version, at_six.version) == (3, 6)
+        assert rolled_back.version == 7  # a new version: a load is a write
+        samples = {name: s.sample(PROMPT, 2, params(seed=4)).result()
+                   for name, s in (("three", at_three), ("six", at_six), ("rolled_back", rolled_back))}
+        tokens = {k: [q.tokens for q in v.sequences] for k, v in samples.items()}
+        assert tokens["rolled_back"] == tokens["three"] != tokens["six"]
+        for a, b in zip(samples["rolled_back"].sequences, samples["three"].sequences, strict=True):
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
+        assert {q.weights_version for q in samples["rolled_back"].sequences} == {7}
+        again = client.save_weights_and_get_sampling_client()
+        assert again.snapshot_id == rolled_back.snapshot_id  # no write since: the same snapshot
+
+
+def test_snapshots_live_while_referenced_and_memory_stays_flat(base_model, tmp_path):
+    """300 publish steps: every dropped SamplingClient frees its snapshot, so the snapshot count stays
+    bounded and host memory flat; a queued request keeps its snapshot alive until it is done."""
+    import psutil
+
+    with ServiceClient(engine_config=EngineConfig(max_rank=8, sampler_slots=4), home=tmp_path) as service:
+        client = service.create_lora_training_client(base_model, rank=8, seed=5)
+        engine = client._engine
+        data = batch(1)
+        rss = []
+        for step in range(300):
+            client.forward_backward(data, "cross_entropy")
+            client.optim_step(types.AdamParams(learning_rate=1e-4)).result()
+            sampler = client.save_weights_and_get_sampling_client()
+            if step % 50 == 0:
+                sampler.sample(PROMPT, 1, params(max_tokens=2)).result()
+            del sampler
+            if step in (50, 299):
+                gc.collect()
+                rss.append(psutil.Process().memory_info().rss)
+            assert len(engine.snapshots) <= 2  # base + at most the one just dropped
+        assert rss[1] - rss[0] < 20 * 2**20, f"host memory grew {(rss[1] - rss[0]) / 2**20:.1f} MB"
+        metrics = engine.metrics()
+        assert metrics["snapshots"]["count"] == 1  # only the base model is left
+
+        # A request in the queue holds its snapshot even after the client is dropped.
+        sampler = client.save_weights_and_get_sampling_client()
+        snapshot_id = sampler.snapshot_id
+        gate = threading.Event()
+        client._scheduler.call(lambda: gate.wait(30))
+        future = sampler.sample(PROMPT, 2, params(max_tokens=4))
+        del sampler
+        gc.collect()
+        assert snapshot_id in engine.snapshots
+        gate.set()
+        assert len(future.result().sequences) == 2
+        client._scheduler.call(lambda: None).result()
+        client._scheduler.call(engine.collect).result()
+        assert snapshot_id not in engine.snapshots
+
+
+# ------------------------------------------------------------------------------ the worker cannot die
+def test_failures_reach_their_futures_and_the_worker_keeps_serving(base_model, tmp_path, monkeypatch):
+    with ServiceClient(home=tmp_path) as service:
+        good, bad = (service.create_lora_training_client(base_model, rank=4, seed=s) for s in (1, 2))
+        engine, scheduler = good._engine, good._scheduler
+        expected = good.forward(batch(0), "cross_entropy").result().metrics["loss:sum"]
+
+        # 1. A batch that fails is retried request by request: only the request that fails alone fails.
+        real = engine.forward
+
+        def failing(requests, **kw):
+            if any(r.adapter_id == bad.model_id for r in requests):
+                raise RuntimeError("injected: this tenant's request breaks the step")
+            return real(requests, **kw)
+
+        monkeypatch.setattr(engine, "forward", failing)
+        gate = threading.Event()
+        scheduler.call(lambda: gate.wait(30))
+        f_bad, f_good = bad.forward(batch(0), "cross_entropy"), good.forward(batch(0), "cross_entropy")
+        gate.set()
+        with pytest.raises(RuntimeError, match="injected"):
+            f_bad.result(30)
+        assert f_good.result(30).metrics["loss:sum"] == pytest.approx(expected, rel=1e-6)
+        monkeypatch.undo()
+
+        # 2. A failure in the result hand-out itself still reaches the future.
+        future = scheduler.submit(lambda payloads: None, "x")  # returns no list: the hand-out fails
+        with pytest.raises(TypeError):
+            future.result(30)
+        assert good.forward(batch(0), "cross_entropy").result(30).metrics["loss:sum"] == pytest.approx(expected,
+                                                                                                       rel=1e-6)
+
+        # 3. A decode step that fails after its donated KV pool was consumed: the requests in the pool fail,
+        # the pool is rebuilt, and the next request samples as before.
+        sampler = good.save_weights_and_get_sampling_client()
+        reference = sampler.sample(PROMPT, 2, params(seed=9)).result(60)
+        decoder = engine.decoder
+        real_chunk = decoder._chunk
+
+        def broken_chunk(*args, **kwargs):
+            for leaf in jax.tree.leaves((args[4], args[5])):  # the donated cache and logits are gone
+                leaf.delete()
+            raise RuntimeError("injected: the device failed mid-decode")
+
+        monkeypatch.setattr(decoder, "_chunk", broken_chunk)
+        with pytest.raises(RuntimeError, match="mid-decode"):
+            sampler.sample(PROMPT, 2, params(seed=9)).result(60)
+        monkeypatch.setattr(decoder, "_chunk", real_chunk)
+        again = sampler.sample(PROMPT, 2, params(seed=9)).result(60)
+        assert [s.tokens for s in again.sequences] == [s.tokens for s in reference.sequences]
+        assert scheduler._thread.is_alive()
+
+
+def test_cancel_and_shutdown_resolve_every_future(base_model, tmp_path):
+    service = ServiceClient(home=tmp_path)
+    client = service.create_lora_training_client(base_model, rank=4, seed=1)
+    sampler = client.save_weights_and_get_sampling_client()
+    scheduler = client._scheduler
+    gate = threading.Event()
+    scheduler.call(lambda: gate.wait(30))
+    queued = [client.forward_backward(batch(i), "cross_entropy") for i in range(3)]
+    cancelled = client.forward(batch(9), "cross_entropy")
+    assert cancelled.cancel()
+    samples = [sampler.sample(PROMPT, 2, params(seed=i)) for i in range(2)]
+    shutdown = threading.Thread(target=service.close)
+    shutdown.start()
+    time.sleep(0.2)
+    gate.set()
+    shutdown.join(60)
+    assert not shutdown.is_alive()
+    assert cancelled.cancelled()
+    for f in [*queued, *samples]:
+        assert f.done()
+        with pytest.raises(SchedulerClosed):
+            f.result(0)
+    with pytest.raises(SchedulerClosed):
+        client.forward(batch(0), "cross_entropy")
+
+
+def test_checkpoint_writes_do_not_block_other_tenants(base_model, tmp_path, monkeypatch):
+    """A save's disk write runs on the I/O pool: while it is stuck, another tenant keeps training; the
+    write sees the state as of the save's place in its adapter's queue."""
+    from framework import checkpoints
+
+    with ServiceClient(home=tmp_path) as service:
+        saver, other = (service.create_lora_training_client(base_model, rank=4, seed=s) for s in (1, 2))
+        real_save = checkpoints.save_training_state
+        writing, release = threading.Event(), threading.Event()
+
+        def slow_save(*args, **kwargs):
+            writing.set()
+            release.wait(60)
+            return real_save(*args, **kwargs)
+
+        monkeypatch.setattr(checkpoints, "save_training_state", slow_save)
+        train(saver, 1, seed=0)
+        saved = saver.save_state("slow")
+        train(saver, 1, seed=1)  # after the save: must not leak into it
+        assert writing.wait(30)
+        losses = train(other, 2, seed=5)  # completes while the write is stuck
+        assert not saved.done() and all(np.isfinite(losses))
+        release.set()
+        path = saved.result(60).path
+        state = checkpoints.load_training_state(path, weights_like=saver._engine.zero_adapter(),
+                                                opt_state_like=saver._engine.training_state(saver.model_id)[
+                                                    "opt_state"])
+        assert state[2] == 1  # the step the save was queued at
+
+
+# ---------------------------------------------------------------------------------- continuous batching
+def test_continuous_batching_equals_sampling_alone(base_model):
+    """Requests with different budgets, seeds, settings and snapshots share decode steps and get the
+    same tokens and logprobs as each sampled alone; a short request finishes while a long one runs."""
+    config = EngineConfig(max_rank=8, decode_chunk=4)
+    engine = Engine(base_model, config)
+    adapters = [engine.create_adapter(rank=4, seed=s) for s in (1, 2)]
+    for a in adapters:  # distinct non-zero weights
+        w = jax.tree.map(lambda x, s=a.seed: x + 0.05 * np.random.default_rng(s).normal(size=x.shape).astype(
+            np.float32), jax.device_get(a.weights))
+        engine.set_adapter_state(a.adapter_id, w, None, 0)
+    snaps = [engine.publish(a.adapter_id).snapshot_id for a in adapters] + ["base"]
+    rng = np.random.default_rng(3)
+    jobs = [SampleJob(snapshot_id=snaps[i % 3], prompt=rng.integers(3, VOCAB, 5 + 3 * i).astype(np.int32),
+                      num_samples=1 + i % 3, max_tokens=4 + 9 * i, temperature=[0.0, 1.0, 0.7][i % 3],
+                      top_p=[1.0, 0.9, 1.0][i % 3], top_k=[-1, -1, 20][i % 3], seed=i, stop_tokens=(7,))
+            for i in range(6)]
+    alone = [engine.sample([job])[0] for job in jobs]
+
+    futures = [engine.submit_sample(job) for job in jobs[::2]]
+    done_order = []
+    for f in futures:
+        f.add_done_callback(lambda f: done_order.append(f))
+    engine.step_sampling()  # the first three start
+    futures += [engine.submit_sample(job) for job in jobs[1::2]]  # join at the next step boundary
+    for f in futures[3:]:
+        f.add_done_callback(lambda f: done_order.append(f))
+    while not all(f.done() for f in futures):
+        engine.step_sampling()
+    together = dict(zip([*range(0, 6, 2), *range(1, 6, 2)], [f.result() for f in futures], strict=True))
+    for i, expected in enumerate(alone):
+        got = together[i]
+        assert [s.tokens for s in got.sequences] == [s.tokens for s in expected.sequences], f"request {i}"
+        assert [s.stop_reason for s in got.sequences] == [s.stop_reason for s in expected.sequences]
+        for a, b in zip(got.sequences, expected.sequences, strict=True):
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5)
+    # the shortest request (budget 4) finished before the longest (budget 49) that started with it
+    assert done_order.index(futures[0]) < done_order.index(futures[2])
+    stats = engine.metrics()["sampling"]
+    assert stats["active_rows"] == 0 and stats["waiting"] == 0 and 0 < stats["batch_fill"] <= 1
+
+
+def test_prompts_prefill_once_and_the_prefix_cache_equals_recomputing(base_model):
+    """num_samples rows share one prefill; a later request extending an earlier sequence (the next
+    turn, or compute_logprobs of a sample) computes only its new tokens, with the same results as an
+    engine without the cache."""
+    cached = Engine(base_model, EngineConfig(max_rank=8))
+    plain = Engine(base_model, EngineConfig(max_rank=8, prefix_cache_mb=0))
+    rng = np.random.default_rng(5)
+    prompt = rng.integers(3, VOCAB, 24).astype(np.int32)
+
+    def job(tokens, seed, n=4):
+        return SampleJob(snapshot_id="base", prompt=tokens, num_samples=n, max_tokens=10, temperature=1.0,
+                         top_p=1.0, top_k=-1, seed=seed)
+
+    first = [e.sample([job(prompt, 1)])[0] for e in (cached, plain)]
+    assert cached.metrics()["sampling"]["prefill_tokens"] == len(prompt)  # once, not 4 times
+    turn = np.concatenate([prompt, np.asarray(first[0].sequences[2].tokens, np.int32),
+                           rng.integers(3, VOCAB, 6).astype(np.int32)])
+    second = [e.sample([job(turn, 2)])[0] for e in (cached, plain)]
+    assert second[0].cached_prompt_tokens == len(prompt) + 10 and second[1].cached_prompt_tokens == 0
+    for got, expected in (first, second):
+        assert [s.tokens for s in got.sequences] == [s.tokens for s in expected.sequences]
+        for a, b in zip(got.sequences, expected.sequences, strict=True):
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5)
+    assert cached.metrics()["prefix_cache"]["hits"] >= 1
+
+
+# ---------------------------------------------------------------------------------- packed training
+def test_packed_rows_and_batched_optim_steps_equal_the_plain_ones(base_model):
+    """Short sequences of several adapters packed into shared rows give the same logprobs, losses,
+    gradients and (after one batched optim step) weights as one row per sequence."""
+    packed = Engine(base_model, EngineConfig(max_rank=8, pack=True))
+    plain = Engine(base_model, EngineConfig(max_rank=8, pack=False))
+    from framework.validation import datums_to_arrays
+
+    rng = np.random.default_rng(8)
+    requests = []
+    for i, lengths in enumerate([(5, 9, 3, 12), (7, 6), (30,)]):
+        arrays, _ = datums_to_arrays([datum(rng, n) for n in lengths], "cross_entropy", None, vocab_size=VOCAB,
+                                     max_seq_len=64)
+        requests.append((f"t{i}", arrays))
+    outs, states = [], []
+    for engine in (packed, plain):
+        for name, _ in requests:
+            engine.create_adapter(rank=4, seed=7, adapter_id=name)
+        outs.append(engine.forward([ForwardRequest(n, a, "cross_entropy") for n, a in requests], backward=True))
+        states.append([jax.device_get(engine.adapters[n].grads) for n, _ in requests])
+        engine.optim_step([OptimRequest(n, AdamHyperparams.make(1e-2, eps=1.0)) for n, _ in requests])
+        states[-1].append([jax.device_get(engine.adapters[n].weights) for n, _ in requests])
+    assert packed.metrics()["training"]["packed_batches"] == 1 and plain.metrics()["training"]["packed_batches"] == 0
+    assert packed.metrics()["training"]["padding_fraction"] < plain.metrics()["training"]["padding_fraction"]
+    for a, b in zip(outs[0], outs[1], strict=True):
+        assert a.loss == pytest.approx(b.loss, rel=1e-6)
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            np.testing.assert_allclose(x, y, atol=1e-5)
+    for x, y in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-4)
+    assert packed.compile_counts["optim_step"] == 1  # the three adapters' steps in one call
+
+
+def test_metrics_report_the_engine_state(base_model, tmp_path):
+    with ServiceClient(home=tmp_path) as service:
+        client = service.create_lora_training_client(base_model, rank=4, seed=1)
+        train(client, 1, seed=0)
+        client.save_weights_and_get_sampling_client().sample(PROMPT, 2, params()).result()
+        (metrics,) = service.engine_metrics().values()
+    assert metrics["compiles"]["forward_backward"] >= 1 and metrics["compiles"]["decode"] >= 1
+    assert metrics["adapters"]["total"] == 1 and metrics["snapshots"]["count"] >= 1
+    assert metrics["sampling"]["tokens"] == 24 and metrics["training"]["tokens"] == 40
+    assert 0 <= metrics["training"]["padding_fraction"] < 1 and metrics["sampling"]["tokens_per_s"] > 0
+
