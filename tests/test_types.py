@@ -14,6 +14,7 @@ import numpy as np
 import pydantic
 import pytest
 import tinker.types as sdk
+import torch
 from tinker.types._pydantic_types.datum import Datum as SdkWireDatum
 from tinker.types._pydantic_types.tensor_data import TensorData as SdkWireTensorData
 
@@ -230,7 +231,6 @@ def test_sdk_built_objects_parse_into_ours() -> None:
 
 
 def test_sdk_sparse_tensors_densify_the_same_way() -> None:
-    torch = pytest.importorskip("torch")
     dense = torch.tensor([[5, -1, -1, -1, -1, -1], [-1, -1, 7, 8, -1, -1], [-1] * 6, [-1, -1, -1, -1, -1, 2]])
     sparse = SdkWireTensorData.from_torch_sparse(dense, pad_value=-1)
     assert sparse.sparse_crow_indices is not None  # the SDK chose the sparse layout
