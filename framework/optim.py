@@ -5,7 +5,10 @@ so a schedule that changes them every step never recompiles. Global-norm clippin
 `grad_clip_norm`, 0 = off) is applied first. The optimizer sees only one adapter's weights
 (`[L, d_in, R]` / `[L, R, d_out]` per target), so weight decay and moments are confined to the slot
 being stepped; zero-padded rank columns and untrained targets have zero gradient and zero weight and
-so stay exactly zero.
+so stay exactly zero. That needs `eps > 0`, as Adam's update there is 0 / (0 + eps): an `eps` below
+`EPS_FLOOR` (0, which `AdamParams` accepts, or anything XLA may flush to zero once it folds the bias
+correction 1 - beta1 into the denominator) is raised to it. The floor is too small to change the
+update wherever the second moment is non-zero: the square root of a non-zero float32 is at least ~4e-23.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import jax.numpy as jnp
 import optax
 
 from lora.bank import LoraWeights
+
+EPS_FLOOR = 1e-30
+"""The smallest `eps` used (module docstring); stays a normal float32 when scaled by 1 - beta1 >= 6e-8."""
 
 
 class AdamHyperparams(NamedTuple):
@@ -55,7 +61,8 @@ def adamw_step(
     clip = jnp.where((hp.grad_clip_norm > 0) & (grad_norm > hp.grad_clip_norm),
                      hp.grad_clip_norm / jnp.maximum(grad_norm, 1e-30), 1.0)
     grads = jax.tree.map(lambda g: g * clip.astype(g.dtype), grads)
-    hyper = {"learning_rate": hp.learning_rate, "b1": hp.beta1, "b2": hp.beta2, "eps": hp.eps,
+    eps = jnp.maximum(hp.eps, EPS_FLOOR)  # never 0 / 0 on a zero gradient (module docstring)
+    hyper = {"learning_rate": hp.learning_rate, "b1": hp.beta1, "b2": hp.beta2, "eps": eps,
              "weight_decay": hp.weight_decay}
     opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, **hyper})
     updates, opt_state = _adamw().update(grads, opt_state, params)

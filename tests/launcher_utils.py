@@ -1,4 +1,4 @@
-"""Helpers for the launcher tests: compose a config in-process, pick the tiny model, shorten runs."""
+"""Helpers for the launcher tests: compose a config in-process, the embedded tiny model, shorten runs."""
 
 from __future__ import annotations
 
@@ -29,10 +29,20 @@ def compose_config(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
+# What `models.load_checkpoint` and `load_tokenizer` read from the embedded model.
+EMBEDDED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+REBUILD = "python -m launcher +experiment=pretrain_tiny pretrain.out=launcher/assets/tiny-arith"
+
+
 @pytest.fixture(scope="session")
-def model_path(tiny_checkpoint) -> Path:
-    """The embedded tiny model when it is built, else a tiny random Qwen3 checkpoint."""
-    return EMBEDDED if (EMBEDDED / "config.json").is_file() else tiny_checkpoint("qwen3")
+def model_path() -> Path:
+    """The embedded tiny model. A missing or incomplete asset fails the test, never falls back to another
+    model: the recipes' assertions (learning, DPO margins) are about this one."""
+    missing = [name for name in EMBEDDED_FILES if not (EMBEDDED / name).is_file()]
+    if missing:
+        pytest.fail(f"the embedded model {EMBEDDED} lacks {', '.join(missing)}; rebuild it from the repository "
+                    f"root with: {REBUILD}", pytrace=False)
+    return EMBEDDED
 
 
 @pytest.fixture(scope="session")

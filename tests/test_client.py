@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
 
@@ -727,6 +728,19 @@ def test_bad_input_is_refused_and_changes_nothing(trained, service, base_model, 
     assert set(engine.adapters) == adapters_before
     assert_trees_equal(full_state(trained), state_before)
     assert loss_of(trained.forward(data, "cross_entropy").result()) == loss_before
+
+
+def test_unsupported_architecture_is_refused_as_bad_input(service, checkpoint_copy):
+    """A checkpoint of an architecture we do not implement is refused like any other bad input: a ValueError
+    naming its model_type, raised before an engine exists, so a second try fails the same way."""
+    directory = checkpoint_copy(BASE)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    served = service.get_server_capabilities().supported_models
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"model_type 'gpt2' is not supported; supported model_types: "):
+            service.create_lora_training_client(str(directory), rank=4)
+    assert service.get_server_capabilities().supported_models == served
 
 
 def test_engine_config_refuses_one_token_training_buckets():

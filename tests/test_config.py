@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from hf_checkpoints import BASE, SPECS, hf_config, load_torch_model
+from transformers import AutoConfig
 
 from models import SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling, UnsupportedModelError, read_config
 
@@ -109,21 +110,33 @@ def test_transformers4_and_transformers5_rope_spellings_agree(rope_type):
     assert len(set(configs)) == 1
 
 
-def test_rope_theta_defaults_to_10000():
-    assert ModelConfig.from_hf(minimal()).rope_theta == 10000.0
+@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
+def test_rope_theta_default_is_the_one_transformers_uses(model_type):
+    """A config.json without rope_theta (or rope_parameters) gets the default transformers itself uses for it."""
+    hf = minimal(model_type)
+    assert not {"rope_theta", "rope_parameters", "rope_scaling"} & set(hf)
+    reference = AutoConfig.for_model(**hf)
+    params = getattr(reference, "rope_parameters", None) or {}  # transformers 5.x; 4.x: the attribute
+    assert ModelConfig.from_hf(hf).rope_theta == float(params.get("rope_theta", getattr(reference, "rope_theta", None)))
 
 
 # --- refusals -----------------------------------------------------------------------------------------
 
 
 def test_unsupported_model_type_names_the_supported_ones():
+    """Every model_type the error lists parses, and it lists every family we check against transformers
+    (hf_checkpoints.SPECS); other families transformers knows are refused, not read as a look-alike."""
     with pytest.raises(UnsupportedModelError) as info:
         ModelConfig.from_hf(minimal("gpt2"))
     message = str(info.value)
-    assert "gpt2" in message
-    for supported in ("llama", "qwen2", "qwen3"):
-        assert supported in message
-    assert set(SUPPORTED_MODEL_TYPES) == {"llama", "qwen2", "qwen3"}
+    assert "'gpt2'" in message
+    listed = message.split("supported model_types: ")[1].split(", ")
+    for model_type in listed:
+        assert ModelConfig.from_hf(minimal(model_type)).model_type == model_type
+    assert {spec.model_type for spec in SPECS} <= set(listed)
+    for model_type in ("mistral", "gemma", "gpt_oss", "qwen3_moe"):  # families transformers has and we do not
+        with pytest.raises(UnsupportedModelError, match=model_type):
+            ModelConfig.from_hf(minimal(model_type))
 
 
 def test_missing_model_type_is_unsupported():
@@ -151,10 +164,6 @@ def test_unsupported_feature_names_the_field(model_type, extra, field, value):
         ModelConfig.from_hf(minimal(model_type, **extra))
     assert field in str(info.value)
     assert value in str(info.value)
-
-
-def test_unsupported_model_error_is_a_value_error():
-    assert issubclass(UnsupportedModelError, ValueError)
 
 
 @pytest.mark.parametrize(

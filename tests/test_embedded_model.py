@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 
 from launcher.envs.arithmetic import ArithmeticEnv, forgot_carry
@@ -65,7 +66,6 @@ def load_checkpoint_config_eos() -> tuple[int, ...]:
 
 
 def test_logits_match_transformers(model, tokenizer):
-    torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf_tokenizer = AutoTokenizer.from_pretrained(str(ASSET))
@@ -108,7 +108,6 @@ def test_save_checkpoint_round_trips(tmp_path, model_type, tied):
     jax.tree.map(np.testing.assert_array_equal, nnx.state(loaded, nnx.Param), nnx.state(model, nnx.Param))
     assert ModelConfig.from_hf(hf_config(config)) == config
 
-    torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
     hf_model = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()

@@ -123,29 +123,37 @@ def test_write_slot_leaves_other_slots_bitwise_unchanged(models):
 
 def test_padded_rank_columns_stay_zero_under_training(models, tiny_checkpoint):
     """A rank-3 adapter over three targets in a rank-8 bank, trained by the engine with weight decay:
-    columns 3..7 of A, rows 3..7 of B and the untrained targets stay exactly zero."""
+    columns 3..7 of A, rows 3..7 of B and the untrained targets stay exactly zero. Also with `eps=0`,
+    which `AdamParams` accepts: the zero gradient of every padded weight must not become 0/0."""
     engine = Engine(str(tiny_checkpoint(UNTIED)), EngineConfig(max_adapters=2, max_rank=MAX_RANK),
                     model=models(UNTIED))
     rank, targets = 3, ("q", "down", "unembed")
-    adapter_id = engine.create_adapter(rank=rank, seed=0, targets=targets).adapter_id
     rng = np.random.default_rng(0)
     datums = []
     for n in (20, 11):
         ids = rng.integers(3, 301, n + 1).astype(np.int32)
         datums.append(DatumArrays(ids[:-1], {"target_tokens": ids[1:], "weights": np.ones(n, np.float32)}))
-    hp = AdamHyperparams.make(1e-2, weight_decay=0.1)
-    for _ in range(3):
-        engine.forward([ForwardRequest(adapter_id, datums, "cross_entropy")], backward=True)
-        engine.optim_step([OptimRequest(adapter_id, hp)])
-    weights = jax.device_get(engine.adapter_weights(adapter_id))
-    for t, ab in weights.items():
-        a, b = ab["a"], ab["b"]
-        if t in targets:
-            assert np.abs(b[:, :rank]).max(axis=(1, 2)).min() > 0, f"{t} did not train in every layer"
-            assert not a[..., rank:].any(), f"{t}: A has non-zero padded columns"
-            assert not b[:, rank:].any(), f"{t}: B has non-zero padded rows"
-        else:
-            assert not a.any() and not b.any(), f"untrained target {t} is not all zero"
+    for eps in (1e-12, 0.0):
+        adapter_id = engine.create_adapter(rank=rank, seed=0, targets=targets).adapter_id
+        hp = AdamHyperparams.make(1e-2, eps=eps, weight_decay=0.1)
+        for _ in range(3):
+            engine.forward([ForwardRequest(adapter_id, datums, "cross_entropy")], backward=True)
+            engine.optim_step([OptimRequest(adapter_id, hp)])
+        weights = jax.device_get(engine.adapter_weights(adapter_id))
+        for t, ab in weights.items():
+            a, b = ab["a"], ab["b"]
+            if t in targets:
+                assert np.isfinite(a).all() and np.isfinite(b).all(), f"eps={eps}: {t} is not finite"
+                assert np.abs(b[:, :rank]).max(axis=(1, 2)).min() > 0, f"eps={eps}: {t} did not train in every layer"
+                assert not a[..., rank:].any(), f"eps={eps}: {t}: A has non-zero padded columns"
+                assert not b[:, rank:].any(), f"eps={eps}: {t}: B has non-zero padded rows"
+            else:
+                assert not a.any() and not b.any(), f"eps={eps}: untrained target {t} is not all zero"
+    # The lower edge of every AdamParams field at once (learning_rate, betas and eps 0): a step that moves nothing.
+    engine.forward([ForwardRequest(adapter_id, datums, "cross_entropy")], backward=True)
+    engine.optim_step([OptimRequest(adapter_id, AdamHyperparams.make(0.0, beta1=0.0, beta2=0.0, eps=0.0,
+                                                                     weight_decay=0.1))])
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(engine.adapter_weights(adapter_id)), weights)
 
 
 # ------------------------------------------------------------------------------------ PEFT io

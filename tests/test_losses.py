@@ -212,11 +212,35 @@ def test_padding_never_reaches_loss_or_gradient() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_registry_covers_the_loss_fn_type() -> None:
-    assert set(losses.LOSSES) == set(typing.get_args(types.LossFnType))
-    assert losses.get_loss("cross_entropy").input_keys == ("target_tokens", "weights")
-    for name in ("importance_sampling", "ppo", "cispo", "dro"):
-        assert losses.get_loss(name).input_keys == ("target_tokens", "logprobs", "advantages")
+# The loss_fn_inputs of each built-in loss as tinker documents them ("Input tensors" on each page under
+# https://tinker-docs.thinkingmachines.ai/tinker/losses). dro's beta is documented without a default.
+DOCUMENTED_INPUTS = {
+    "cross_entropy": ("target_tokens", "weights"),
+    "importance_sampling": ("target_tokens", "logprobs", "advantages"),
+    "ppo": ("target_tokens", "logprobs", "advantages"),
+    "cispo": ("target_tokens", "logprobs", "advantages"),
+    "dro": ("target_tokens", "logprobs", "advantages"),
+}
+REQUIRED_CONFIG = {"dro": {"beta": 0.1}}
+
+
+@pytest.mark.parametrize("name", sorted(set(losses.LOSSES) | set(typing.get_args(types.LossFnType))))
+def test_each_loss_runs_on_its_documented_inputs_and_names_a_missing_one(name: str) -> None:
+    """Every loss the registry or `types.LossFnType` offers is accepted with exactly tinker's documented inputs
+    and runs on a batch that holds only those (as the engine packs it: `target_tokens` turned into the target
+    logprobs, plus the padding mask); without any one of them the request is refused with an error naming it."""
+    assert name in DOCUMENTED_INPUTS, f"{name!r} is offered but not in DOCUMENTED_INPUTS"
+    documented, config = DOCUMENTED_INPUTS[name], REQUIRED_CONFIG.get(name)
+    resolved = losses.check_loss_inputs(name, documented, config)
+    target, full = _batch(8)
+    inputs = {key: full[key] for key in ("mask", *documented) if key != "target_tokens"}
+    loss, _ = jax.jit(losses.get_loss(name).fn)(jnp.asarray(target), inputs, resolved)
+    assert loss.shape == (B,) and np.all(np.isfinite(np.asarray(loss)))
+    for key in documented:
+        with pytest.raises(ValueError, match=rf"loss_fn '{name}' needs loss_fn_inputs \['{key}'\]"):
+            losses.check_loss_inputs(name, [k for k in documented if k != key], config)
+    # More than documented is fine (tinker's own examples send weights to RL losses) and changes nothing.
+    assert losses.check_loss_inputs(name, [*documented, "weights", "my_extra"], config) == resolved
 
 
 def test_unknown_loss_names_the_valid_ones() -> None:
@@ -226,13 +250,59 @@ def test_unknown_loss_names_the_valid_ones() -> None:
         assert name in str(excinfo.value)
 
 
-def test_config_defaults() -> None:
-    policy = ["target_tokens", "logprobs", "advantages"]
-    assert losses.check_loss_inputs("ppo", policy) == {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
-    assert losses.check_loss_inputs("cispo", policy) == {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}
-    assert losses.check_loss_inputs("ppo", policy, {"clip_high_threshold": 1.28})["clip_high_threshold"] == 1.28
-    assert losses.check_loss_inputs("importance_sampling", [*policy, "weights"]) == {}  # extra inputs are fine
-    assert losses.check_loss_inputs("dro", policy, {"beta": 1}) == {"beta": 1.0}
+# tinker's default clip ranges, applied when loss_fn_config leaves them out: PPO clips the ratio to [1 - 0.2,
+# 1 + 0.2] (https://tinker-docs.thinkingmachines.ai/tinker/losses/ppo: "currently fixed to 0.2"; tinker-cookbook
+# tutorials/202_loss_functions.py: "PPO defaults to 0.8 and 1.2"), CISPO one-sided to [0, 4] (same tutorial:
+# "CISPO defaults to a one-sided clip ... {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}").
+# Each ratio sits just inside or just outside a bound, so a default off by more than 0.01 changes the result.
+RATIOS = np.array([0.01, 0.5, 0.79, 0.81, 1.19, 1.21, 2.0, 3.9, 4.1, 8.0], np.float32)
+
+
+def _one_token_rows(ratios: np.ndarray, advantage: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One token per row with the given ratio p/q (the same target logprob, sampler logprob shifted)."""
+    target = np.full((len(ratios), 1), -1.0, np.float32)
+    return target, {"mask": np.ones_like(target), "logprobs": target - np.log(ratios)[:, None].astype(np.float32),
+                    "advantages": np.full_like(target, advantage)}
+
+
+@pytest.mark.parametrize("advantage", [1.0, -1.0])
+def test_default_ppo_clip_range_is_tinkers(advantage: float) -> None:
+    """With no loss_fn_config, a token's gradient vanishes exactly where the ratio has left [0.8, 1.2] on the
+    side its advantage pushes it (PPO's pessimistic min), and the loss uses the ratio clipped to that range."""
+    target, inputs = _one_token_rows(RATIOS, advantage)
+    config = losses.check_loss_inputs("ppo", DOCUMENTED_INPUTS["ppo"])
+    clipped_away = RATIOS > 1.2 if advantage > 0 else RATIOS < 0.8
+    grad = _grad("ppo", target, inputs, config)[:, 0]
+    np.testing.assert_allclose(grad, np.where(clipped_away, 0.0, -RATIOS * advantage), rtol=1e-5)
+    loss, _ = losses.ppo(jnp.asarray(target), inputs, config)
+    expected = -np.minimum(RATIOS * advantage, np.clip(RATIOS, 0.8, 1.2) * advantage)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+def test_default_cispo_clip_range_is_tinkers() -> None:
+    """With no loss_fn_config, the (stop-gradient) coefficient on log p is the ratio clipped to [0, 4]: small
+    ratios are kept as they are, large ones capped at 4."""
+    target, inputs = _one_token_rows(RATIOS, 1.0)
+    config = losses.check_loss_inputs("cispo", DOCUMENTED_INPUTS["cispo"])
+    np.testing.assert_allclose(_grad("cispo", target, inputs, config)[:, 0], -np.minimum(RATIOS, 4.0), rtol=1e-5)
+    loss, _ = losses.cispo(jnp.asarray(target), inputs, config)
+    np.testing.assert_allclose(loss, -np.minimum(RATIOS, 4.0) * target[:, 0], rtol=1e-5)
+
+
+def test_a_config_overrides_only_the_keys_it_gives() -> None:
+    """A PPO config with only clip_high_threshold moves the upper bound and keeps the default lower one; DRO's
+    beta may be an int."""
+    target, inputs = _one_token_rows(RATIOS, 1.0)
+    config = losses.check_loss_inputs("ppo", DOCUMENTED_INPUTS["ppo"], {"clip_high_threshold": 3.0})
+    grad = _grad("ppo", target, inputs, config)[:, 0]
+    np.testing.assert_allclose(grad, np.where(RATIOS > 3.0, 0.0, -RATIOS), rtol=1e-5)
+    target, inputs = _one_token_rows(RATIOS, -1.0)
+    grad = _grad("ppo", target, inputs, config)[:, 0]
+    np.testing.assert_allclose(grad, np.where(RATIOS < 0.8, 0.0, RATIOS), rtol=1e-5)
+    as_int = losses.check_loss_inputs("dro", DOCUMENTED_INPUTS["dro"], {"beta": 1})
+    as_float = losses.check_loss_inputs("dro", DOCUMENTED_INPUTS["dro"], {"beta": 1.0})
+    np.testing.assert_array_equal(losses.dro(jnp.asarray(target), inputs, as_int)[0],
+                                  losses.dro(jnp.asarray(target), inputs, as_float)[0])
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from launcher.envs import Env, Problem
@@ -79,8 +81,6 @@ def test_numbers_are_answers_and_missing_or_empty_files_fail(tmp_path):
 
 
 def test_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
     path = tmp_path / "problems.parquet"
     pq.write_table(pa.table({"question": ["What is 6 * 7?", "What is 1 + 1?", "What is 9 - 3?"],
                              "answer": ["42", "2", "6"], "source": ["a", "b", "c"]}), path)

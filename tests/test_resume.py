@@ -18,7 +18,7 @@ from framework.tracking import read_metrics
 from launcher.run import run
 
 # kl_coef > 0 gives every sampled token a training signal, so the adapter changes at every step even
-# when a tiny random model never earns a reward.
+# when every sample of a group earns the same reward (zero advantage).
 SETTINGS = ["max_steps=6", "save_every=2", "eval_every=3", "rl.kl_coef=0.1"]
 
 

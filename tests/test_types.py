@@ -14,6 +14,8 @@ import numpy as np
 import pydantic
 import pytest
 import tinker.types as sdk
+import torch
+from pydantic_core import to_jsonable_python
 from tinker.types._pydantic_types.datum import Datum as SdkWireDatum
 from tinker.types._pydantic_types.tensor_data import TensorData as SdkWireTensorData
 
@@ -119,26 +121,11 @@ def test_every_sdk_field_and_method_exists_with_the_same_default(name: str) -> N
             assert _normalise(ours_default) == _normalise(sdk_default), f"{name}.{attr} default"
 
 
-@pytest.mark.parametrize("name", MIRRORED)
-def test_fields_beyond_the_sdk_are_declared_extensions(name: str) -> None:
-    sdk_attrs = _sdk_attributes(getattr(sdk, name))
-    extra = set(getattr(types, name).model_fields) - set(sdk_attrs)
-    assert extra == set(types.EXTENSIONS.get(name, ())), name
-    for field in extra:
-        assert not getattr(types, name).model_fields[field].is_required()
-
-
 def test_literal_aliases_agree_with_the_sdk() -> None:
     assert set(typing.get_args(types.LossFnType)) <= set(typing.get_args(sdk.LossFnType))
     assert typing.get_args(types.StopReason) == typing.get_args(sdk.StopReason)
     assert set(typing.get_args(types.TensorDtype)) == set(typing.get_args(sdk.tensor_data.TensorDtype))
     assert set(typing.get_args(types.CheckpointType)) == set(typing.get_args(sdk.CheckpointType))
-
-
-def test_framework_exports_types_as_a_submodule() -> None:
-    import framework
-
-    assert framework.types is types
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +198,51 @@ def test_our_json_parses_into_the_sdk_and_back(make, sdk_cls) -> None:
     assert back == ours
 
 
+# Our fields that the SDK's type lacks, found by comparing the classes: `(type name, field name)`.
+EXTENSION_FIELDS = sorted((name, field) for name in MIRRORED for field in
+                          set(getattr(types, name).model_fields) - set(_sdk_attributes(getattr(sdk, name))))
+
+# SDK objects of the mirrored types that are dataclasses in the SDK (it decodes them from protobuf, not JSON).
+SDK_DATACLASS_SAMPLES: dict[str, typing.Callable[[], typing.Any]] = {
+    "SampledSequence": lambda: sdk.SampledSequence(
+        stop_reason="length", sequence_id="seq-0", tokens_np=np.array([4, 5], np.int32),
+        logprobs_np=np.array([-0.5, -0.25], np.float32)),
+}
+
+
+def _value_for(annotation: typing.Any) -> typing.Any:
+    """A value of the field's type that is not its default None."""
+    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    values = {bool: True, int: 7, float: 0.5, str: "extension"}
+    assert kinds[0] in values, f"no test value for an extension of type {annotation}: add one to _value_for"
+    return values[kinds[0]]
+
+
+@pytest.mark.parametrize(("name", "field"), EXTENSION_FIELDS, ids=[f"{n}.{f}" for n, f in EXTENSION_FIELDS])
+def test_fields_beyond_the_sdk_are_optional_and_invisible_to_it(name: str, field: str) -> None:
+    """What the SDK sends parses into ours without the field; with the field set, ours keeps it through JSON,
+    and the SDK still parses our JSON (a request type, which refuses unknown fields, could carry none)."""
+    ours_cls = getattr(types, name)
+    assert not ours_cls.model_fields[field].is_required(), f"{name}.{field} must be optional"
+    if issubclass(getattr(sdk, name), pydantic.BaseModel):
+        samples = [(make(), wire_cls) for make, wire_cls in OURS_TO_SDK if isinstance(make(), ours_cls)]
+        assert samples, f"add an OURS_TO_SDK entry for {name}"
+        sample, wire_cls = samples[0]
+        theirs = wire_cls.model_validate_json(sample.model_dump_json())
+        from_sdk = ours_cls.model_validate_json(theirs.model_dump_json())
+    else:
+        assert name in SDK_DATACLASS_SAMPLES, f"add an SDK_DATACLASS_SAMPLES entry for {name}"
+        theirs = SDK_DATACLASS_SAMPLES[name]()
+        from_sdk = ours_cls.model_validate({f: getattr(theirs, f) for f in ours_cls.model_fields if hasattr(theirs, f)})
+    assert getattr(from_sdk, field) is None
+
+    value = _value_for(ours_cls.model_fields[field].annotation)
+    extended = ours_cls.model_validate({**from_sdk.model_dump(), field: value})
+    assert getattr(ours_cls.model_validate_json(extended.model_dump_json()), field) == value
+    if isinstance(theirs, pydantic.BaseModel):
+        assert wire_cls.model_validate_json(extended.model_dump_json()) == theirs
+
+
 def test_sdk_built_objects_parse_into_ours() -> None:
     sdk_datum = SdkWireDatum(
         model_input=sdk.ModelInput.from_ints([3, 4, 5]),
@@ -230,7 +262,6 @@ def test_sdk_built_objects_parse_into_ours() -> None:
 
 
 def test_sdk_sparse_tensors_densify_the_same_way() -> None:
-    torch = pytest.importorskip("torch")
     dense = torch.tensor([[5, -1, -1, -1, -1, -1], [-1, -1, 7, 8, -1, -1], [-1] * 6, [-1, -1, -1, -1, -1, 2]])
     sparse = SdkWireTensorData.from_torch_sparse(dense, pad_value=-1)
     assert sparse.sparse_crow_indices is not None  # the SDK chose the sparse layout
@@ -417,9 +448,31 @@ def test_validation_errors_name_the_field_and_value(make, field: str, value: str
     assert value in message, message
 
 
-def test_valid_edge_values_are_accepted() -> None:
-    types.AdamParams(learning_rate=0.0, beta1=0.0, beta2=0.0, eps=0.0)
-    types.SamplingParams(max_tokens=1, temperature=0.0, top_p=1.0, top_k=1, stop=[])
-    types.SamplingParams(stop="</s>")
-    types.LoraConfig(rank=1, train_attn=False, train_mlp=False)
-    types.Datum(model_input=types.ModelInput.from_ints([0]))
+EDGE_VALUES = [
+    (types.AdamParams, dict(learning_rate=0.0, beta1=0.0, beta2=0.0, eps=0.0, weight_decay=0.0, grad_clip_norm=0.0),
+     sdk.AdamParams),
+    (types.SamplingParams, dict(max_tokens=1, temperature=0.0, top_p=1.0, top_k=1, stop=[]), sdk.SamplingParams),
+    (types.SamplingParams, dict(stop="</s>"), sdk.SamplingParams),
+    (types.SamplingParams, dict(stop=[0]), sdk.SamplingParams),
+    (types.LoraConfig, dict(rank=1, train_attn=False, train_mlp=False), sdk.LoraConfig),
+    (types.ModelInput, dict(chunks=[types.EncodedTextChunk(tokens=[0])]), sdk.ModelInput),
+    (types.Datum, dict(model_input=types.ModelInput.from_ints([0])), SdkWireDatum),
+]
+
+
+@pytest.mark.parametrize(("cls", "values", "sdk_cls"), EDGE_VALUES,
+                         ids=[f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(EDGE_VALUES)])
+def test_valid_edge_values_are_kept_through_the_sdk(cls, values: dict, sdk_cls) -> None:
+    """The boundary of every range is accepted and kept as given (not replaced by a default, not normalised)
+    by ours, by the SDK that parses our JSON, and by ours parsing the SDK's JSON back.
+    (That the values also work: greedy sampling in test_sampling, eps=0 and lr=0 steps in test_lora.)"""
+    ours = cls(**values)
+    theirs = sdk_cls.model_validate_json(ours.model_dump_json())
+    back = cls.model_validate_json(theirs.model_dump_json())
+    assert back == ours
+    for name, value in values.items():
+        for obj in (ours, theirs, back):
+            kept = getattr(obj, name)
+            assert to_jsonable_python(kept) == to_jsonable_python(value), (type(obj), name, kept)
+            if not isinstance(value, pydantic.BaseModel):
+                assert type(kept) is type(value), (type(obj), name, kept)  # 0.0 stays a float, a str a str
