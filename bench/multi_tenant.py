@@ -1,18 +1,21 @@
-"""Multi-tenant batching: N users' requests in one compiled call vs the same requests one at a time.
+"""Multi-tenant serving: N tenants' requests batched by the engine vs the same requests one at a time,
+what a step costs as the engine's adapter capacity grows, and what paging an adapter back costs.
 
-N training clients (LoRA rank 32 on every linear layer) share one engine over the random Qwen3 of
-`bench/common.py`. Each user's step is a `forward_backward` of one 128-token sequence plus an
-`optim_step`; each user's sample is 4 continuations of 64 tokens. Through the public client API:
+All on the random 33.6M Qwen3 of `bench/common.py`, LoRA rank 32 on every linear layer, through the
+public client API (the scheduler batches what is submitted together):
 
-- one at a time: each user's call is awaited before the next user submits (what N separate
-  single-tenant servers would do on this machine, back to back);
-- together: every user submits, then all wait; the scheduler runs the N users' `forward_backward`s
-  (and samples) as one batch, and the N `optim_step`s after them.
+1. small requests, N = 1, 2, 4, 8, 16, 32 tenants on default settings (8 adapters on the device, 8
+   sampler slots: N > 8 pages adapters in and out and waits for sampler slots):
+   - sampling: each tenant 1 prompt of 32 tokens → 64 new tokens, all submitted then awaited, vs
+     each awaited before the next is submitted;
+   - training: each tenant one 64-token sequence (forward_backward + optim_step), likewise.
+   Every shape is warmed up first; new compiles during the timed runs are reported (target: none).
+2. large requests: each tenant a batch of 8 × 256; N = 4 tenants' aggregate vs one tenant alone.
+3. capacity: one adapter's step (4 × 128 tokens) on engines holding 8, 32 and 128 resident adapters,
+   each in its own process: time and peak memory (targets: within 10% of each other).
+4. paging: the mean time to page an rank-32 adapter (weights, AdamW moments, gradients) back in.
 
-Also checks that the adapters stay apart (each user's loss after the steps equals a replay of that
-user alone) and that adding users compiles nothing new once the shapes are warm.
-
-    python -m bench.multi_tenant [--users 8] [--repeats 3]
+    python -m bench.multi_tenant [--tenants 1,2,4,8,16,32] [--repeats 3]
 
 Progress goes to stderr; the last line on stdout is one JSON object.
 """
@@ -21,7 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
+import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -29,92 +36,165 @@ from bench.common import alternate_best, build_qwen3_checkpoint, log
 from framework import ServiceClient, types
 from framework.engine import EngineConfig
 
-SEQ = 128
-SAMPLES, NEW_TOKENS = 4, 64
+PROMPT_LEN, NEW_TOKENS, TRAIN_SEQ = 32, 64, 64
 ADAM = types.AdamParams(learning_rate=1e-4)
+
+
+def make_data(rng: np.random.Generator, vocab: int, rows: int, seq: int) -> list[types.Datum]:
+    out = []
+    for _ in range(rows):
+        ids = rng.integers(3, vocab, seq + 1)
+        out.append(types.Datum(model_input=types.ModelInput.from_ints(ids[:-1].tolist()),
+                               loss_fn_inputs={"target_tokens": ids[1:], "weights": np.ones(seq, np.float32)}))
+    return out
+
+
+def small_requests(directory: str, home: str, counts: list[int], repeats: int) -> dict:
+    out: dict = {}
+    with ServiceClient(home=home) as service:
+        n_max = max(counts)
+        clients = [service.create_lora_training_client(directory, rank=32, seed=i) for i in range(n_max)]
+        engine = clients[0]._engine
+        vocab = engine.model_config.vocab_size
+        rng = np.random.default_rng(0)
+        data = [make_data(rng, vocab, 1, TRAIN_SEQ) for _ in range(n_max)]
+        prompts = [types.ModelInput.from_ints(rng.integers(3, vocab, PROMPT_LEN).tolist()) for _ in range(n_max)]
+        params = types.SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, seed=0, stop=[])
+        for c, d in zip(clients, data, strict=True):  # non-zero adapters
+            c.forward_backward(d, "cross_entropy")
+            c.optim_step(ADAM)
+        samplers = [c.save_weights_and_get_sampling_client() for c in clients]
+
+        for n in counts:
+            cs, ds, ss, ps = clients[:n], data[:n], samplers[:n], prompts[:n]
+
+            def train_alone(cs=cs, ds=ds) -> None:
+                for c, d in zip(cs, ds, strict=True):
+                    c.forward_backward(d, "cross_entropy").result()
+                    c.optim_step(ADAM).result()
+
+            def train_together(cs=cs, ds=ds) -> None:
+                futures = [(c.forward_backward(d, "cross_entropy"), c.optim_step(ADAM)) for c, d in zip(cs, ds,
+                                                                                                         strict=True)]
+                for fb, opt in futures:
+                    fb.result(), opt.result()
+
+            def sample_alone(ss=ss, ps=ps) -> None:
+                for s, p in zip(ss, ps, strict=True):
+                    s.sample(p, 1, params).result()
+
+            def sample_together(ss=ss, ps=ps) -> None:
+                for f in [s.sample(p, 1, params) for s, p in zip(ss, ps, strict=True)]:
+                    f.result()
+
+            log(f"N={n}: warming up")
+            for fn in (train_alone, train_together, sample_alone, sample_together):
+                fn()
+            warm = dict(engine.compile_counts)
+            train = alternate_best({"alone": train_alone, "together": train_together}, repeats)
+            sample = alternate_best({"alone": sample_alone, "together": sample_together}, repeats)
+            compiles = {k: v - warm.get(k, 0) for k, v in engine.compile_counts.items() if v != warm.get(k, 0)}
+            out[n] = {
+                "train_tokens_per_s_alone": round(n * TRAIN_SEQ / train["alone"], 1),
+                "train_tokens_per_s_together": round(n * TRAIN_SEQ / train["together"], 1),
+                "train_ratio": round(train["alone"] / train["together"], 2),
+                "sample_tokens_per_s_alone": round(n * NEW_TOKENS / sample["alone"], 1),
+                "sample_tokens_per_s_together": round(n * NEW_TOKENS / sample["together"], 1),
+                "sample_ratio": round(sample["alone"] / sample["together"], 2),
+                "new_compiles_after_warmup": compiles,
+            }
+            log(f"N={n}: {out[n]}")
+        adapters = engine.metrics()["adapters"]
+    return {"by_tenants": out, "page_in_ms_mean": round(1e3 * adapters["page_in_seconds_mean"], 2),
+            "page_ins": adapters["page_ins"]}
+
+
+def large_requests(directory: str, home: str, repeats: int) -> dict:
+    with ServiceClient(home=home) as service:
+        clients = [service.create_lora_training_client(directory, rank=32, seed=i) for i in range(4)]
+        vocab = clients[0]._engine.model_config.vocab_size
+        rng = np.random.default_rng(1)
+        data = [make_data(rng, vocab, 8, 256) for _ in clients]
+
+        def run(n: int) -> None:
+            futures = [(c.forward_backward(d, "cross_entropy"), c.optim_step(ADAM))
+                       for c, d in zip(clients[:n], data[:n], strict=True)]
+            for fb, opt in futures:
+                fb.result(), opt.result()
+
+        run(1), run(4)
+        best = alternate_best({"one": lambda: run(1), "four": lambda: run(4)}, repeats)
+    return {"one_tenant_tokens_per_s": round(8 * 256 / best["one"], 1),
+            "four_tenants_tokens_per_s": round(4 * 8 * 256 / best["four"], 1),
+            "ratio": round(4 * best["one"] / best["four"], 2)}
+
+
+def capacity_child(directory: str, capacity: int, repeats: int) -> None:
+    """In a fresh process: an engine holding `capacity` resident adapters, one of them stepping."""
+    from framework.engine import DatumArrays, Engine, ForwardRequest, OptimRequest
+    from framework.optim import AdamHyperparams
+
+    engine = Engine(directory, EngineConfig(max_adapters=capacity, max_rank=32))
+    ids = [engine.create_adapter(rank=32, seed=i).adapter_id for i in range(capacity)]
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(3, engine.model_config.vocab_size, (4, 129)).astype(np.int32)
+    datums = [DatumArrays(t[:-1], {"target_tokens": t[1:], "weights": np.ones(128, np.float32)}) for t in tokens]
+    hp = AdamHyperparams.make(1e-4)
+
+    def step() -> None:
+        engine.forward([ForwardRequest(ids[0], datums, "cross_entropy")], backward=True)
+        engine.optim_step([OptimRequest(ids[0], hp)])
+
+    step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"capacity": capacity, "step_ms": round(1e3 * min(times), 1), "peak_rss_mb": round(peak_mb)}))
+
+
+def capacity(directory: str, repeats: int) -> dict:
+    rows = {}
+    for cap in (8, 32, 128):
+        log(f"capacity {cap}: own process")
+        out = subprocess.run([sys.executable, "-m", "bench.multi_tenant", "--capacity-child", str(cap),
+                              "--checkpoint", directory, "--repeats", str(repeats)],
+                             capture_output=True, text=True, check=True)
+        rows[cap] = json.loads(out.stdout.strip().splitlines()[-1])
+        log(f"capacity {cap}: {rows[cap]}")
+    base = rows[8]["step_ms"]
+    return {"rows": rows, "step_ms_max_over_min": round(max(r["step_ms"] for r in rows.values())
+                                                         / min(r["step_ms"] for r in rows.values()), 3),
+            "step_ms_at_8": base}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--tenants", default="1,2,4,8,16,32")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: small,large,capacity")
+    parser.add_argument("--capacity-child", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    n = args.users
-
+    if args.capacity_child:
+        capacity_child(args.checkpoint, args.capacity_child, args.repeats)
+        return
+    skip = set(filter(None, args.skip.split(",")))
+    result: dict = {"bench": "multi_tenant", "rank": 32, "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
+                    "train_seq": TRAIN_SEQ}
     with tempfile.TemporaryDirectory() as directory, tempfile.TemporaryDirectory() as home:
         log(f"building random Qwen3 checkpoint in {directory}")
         build_qwen3_checkpoint(directory)
-        config = EngineConfig(max_adapters=n + 1, max_rank=32, sampler_slots=n)  # + the replay below
-        with ServiceClient(engine_config=config, home=home) as service:
-            clients = [service.create_lora_training_client(directory, rank=32, seed=i) for i in range(n)]
-            engine = clients[0]._engine
-            rng = np.random.default_rng(0)
-            vocab = engine.model_config.vocab_size
-            data = []
-            for _ in range(n):
-                ids = rng.integers(3, vocab, SEQ + 1)
-                data.append([types.Datum(model_input=types.ModelInput.from_ints(ids[:-1].tolist()),
-                                         loss_fn_inputs={"target_tokens": ids[1:],
-                                                         "weights": np.ones(SEQ, np.float32)})])
-            prompts = [types.ModelInput.from_ints(rng.integers(3, vocab, 16).tolist()) for _ in range(n)]
-            params = types.SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, seed=0, stop=[])
-
-            def train_one_at_a_time() -> None:
-                for c, d in zip(clients, data, strict=True):
-                    c.forward_backward(d, "cross_entropy").result()
-                    c.optim_step(ADAM).result()
-
-            def train_together() -> None:
-                futures = [(c.forward_backward(d, "cross_entropy"), c.optim_step(ADAM))
-                           for c, d in zip(clients, data, strict=True)]
-                for fb, opt in futures:
-                    fb.result(), opt.result()
-
-            samplers = [c.save_weights_and_get_sampling_client() for c in clients]
-
-            def sample_one_at_a_time() -> None:
-                for s, p in zip(samplers, prompts, strict=True):
-                    s.sample(p, SAMPLES, params).result()
-
-            def sample_together() -> None:
-                for f in [s.sample(p, SAMPLES, params) for s, p in zip(samplers, prompts, strict=True)]:
-                    f.result()
-
-            log("compiling / warming up")
-            for fn in (train_one_at_a_time, train_together, sample_one_at_a_time, sample_together):
-                fn()
-            compiles_warm = dict(engine.compile_counts)
-            train = alternate_best({"one_at_a_time": train_one_at_a_time, "together": train_together},
-                                   args.repeats)
-            sample = alternate_best({"one_at_a_time": sample_one_at_a_time, "together": sample_together},
-                                    args.repeats)
-            compiles_after = dict(engine.compile_counts)
-
-            # Isolation: every user has now taken the same number of steps with its own data; a fresh
-            # adapter given only that user's history must land on the same loss.
-            steps = 2 + 2 * args.repeats  # the warm-up's two training calls, then the timed ones
-            losses = [c.forward(d, "cross_entropy").result().metrics["loss:sum"]
-                      for c, d in zip(clients, data, strict=True)]
-            replay = service.create_lora_training_client(directory, rank=32, seed=n - 1)
-            for _ in range(steps):
-                replay.forward_backward(data[-1], "cross_entropy")
-                replay.optim_step(ADAM)
-            replay_loss = replay.forward(data[-1], "cross_entropy").result().metrics["loss:sum"]
-
-    train_tokens = n * SEQ
-    sample_tokens = n * SAMPLES * NEW_TOKENS
-    print(json.dumps({
-        "bench": "multi_tenant", "users": n, "seq": SEQ, "samples_per_user": SAMPLES, "new_tokens": NEW_TOKENS,
-        "train_tokens_per_s_one_at_a_time": round(train_tokens / train["one_at_a_time"], 1),
-        "train_tokens_per_s_together": round(train_tokens / train["together"], 1),
-        "train_ratio": round(train["one_at_a_time"] / train["together"], 3),
-        "sample_tokens_per_s_one_at_a_time": round(sample_tokens / sample["one_at_a_time"], 1),
-        "sample_tokens_per_s_together": round(sample_tokens / sample["together"], 1),
-        "sample_ratio": round(sample["one_at_a_time"] / sample["together"], 3),
-        "last_user_loss": losses[-1], "last_user_replayed_alone": replay_loss,
-        "new_compiles_after_warmup": {k: compiles_after[k] - compiles_warm.get(k, 0) for k in compiles_after
-                                      if compiles_after[k] != compiles_warm.get(k, 0)},
-    }))
+        if "small" not in skip:
+            result["small"] = small_requests(directory, home, [int(n) for n in args.tenants.split(",")],
+                                             args.repeats)
+        if "large" not in skip:
+            result["large"] = large_requests(directory, home, args.repeats)
+        if "capacity" not in skip:
+            result["capacity"] = capacity(directory, args.repeats)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 import transformers
 
 from bench.common import alternate_best, build_qwen3_checkpoint, log, matmul_peak
-from framework.engine import DatumArrays, Engine, EngineConfig
+from framework.engine import DatumArrays, Engine, EngineConfig, ForwardRequest, OptimRequest
 from framework.optim import AdamHyperparams
 from lora import ATTN_TARGETS, MLP_TARGETS
 
@@ -84,8 +84,8 @@ def main() -> None:
     hp = AdamHyperparams.make(1e-4)
 
     def run_ours() -> float:
-        result = engine.forward([(adapter.adapter_id, datums, "cross_entropy", {})], backward=True)
-        engine.optim_step(adapter.adapter_id, hp)
+        result = engine.forward([ForwardRequest(adapter.adapter_id, datums, "cross_entropy")], backward=True)
+        engine.optim_step([OptimRequest(adapter.adapter_id, hp)])
         return result[0].loss
 
     def run_torch() -> float:

@@ -50,7 +50,8 @@ class Runtime:
                 read_config(key)  # a clear CheckpointError for an unknown or broken path, before any work
                 engine = Engine(key, self.engine_config)
                 scheduler = Scheduler(name=Path(key).name, background=_SamplingWork(engine),
-                                      max_batch_tokens=self.engine_config.max_batch_tokens)
+                                      max_batch_tokens=self.engine_config.max_batch_tokens,
+                                      max_batch_adapters=self.engine_config.max_adapters)
                 self._engines[key] = (engine, scheduler)
             return self._engines[key]
 

@@ -5,9 +5,10 @@ Rules (written down because correctness depends on them):
    requests of *other* adapters, but never jumps over an earlier pending request of its own adapter:
    an `optim_step` or a weight load is a barrier for its adapter only.
 2. Requests whose `batch_key` is equal (e.g. `("forward_backward", "ppo")`) and that are all at the
-   head of their adapter's queue run as one engine call, up to `max_batch_rows` rows and
+   head of their adapter's queue run as one engine call, up to `max_batch_rows` rows,
    `max_batch_tokens` tokens (a request that alone fills a batch runs alone: co-batching it would
-   cost more than it saves); everything else runs alone.
+   cost more than it saves) and `max_batch_adapters` adapters (what the device holds at once);
+   everything else runs alone.
 3. Sampling goes to the engine's decode loop (`background`), which the worker steps between
    training batches: one chunk of decoding, then one batch, and so on. Snapshots are immutable, so
    sampling never waits for training and training waits at most one chunk for sampling.
@@ -62,10 +63,11 @@ class _Request:
 class Scheduler:
     """FIFO-per-adapter batching over a single worker thread, interleaved with background work."""
 
-    def __init__(self, *, max_batch_rows: int = 64, max_batch_tokens: int | None = None, name: str = "engine",
-                 background: Background | None = None):
+    def __init__(self, *, max_batch_rows: int = 64, max_batch_tokens: int | None = None,
+                 max_batch_adapters: int | None = None, name: str = "engine", background: Background | None = None):
         self.max_batch_rows = max_batch_rows
         self.max_batch_tokens = max_batch_tokens
+        self.max_batch_adapters = max_batch_adapters
         self._background = background
         self._pending: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()
@@ -117,12 +119,16 @@ class Scheduler:
         batch = [head]
         if head.batch_key is not None:
             blocked: set[str | None] = set()
+            adapters = {head.adapter_id}
             rows, tokens = head.rows, head.tokens
             for r in list(self._pending)[1:]:
                 fits = rows + r.rows <= self.max_batch_rows and (
-                    self.max_batch_tokens is None or tokens + r.tokens <= self.max_batch_tokens)
+                    self.max_batch_tokens is None or tokens + r.tokens <= self.max_batch_tokens) and (
+                    self.max_batch_adapters is None or r.adapter_id in adapters
+                    or len(adapters) < self.max_batch_adapters)
                 if r.batch_key == head.batch_key and r.adapter_id not in blocked and fits:
                     batch.append(r)
+                    adapters.add(r.adapter_id)
                     rows += r.rows
                     tokens += r.tokens
                 elif r.adapter_id is not None:

@@ -27,6 +27,10 @@ class EngineConfig:
     decode_chunk: int = 8  # decode steps per engine call; waiting requests join between chunks
     prefix_cache_mb: float = 256.0  # KV of recent prompts per snapshot (LRU); 0 turns the prefix cache off
     custom_steps: int = 16  # compiled custom-loss steps kept (LRU)
+    # Off only to measure what they save (bench/rl_workload.py): batch-synchronous decoding, and a
+    # prefill per sampled row instead of one per request.
+    continuous_batching: bool = True
+    prefill_once: bool = True
 
     def __post_init__(self) -> None:
         # Training batches must never have one token per row: `lora.make_hook` then mixes every slot into

@@ -79,7 +79,8 @@ class Engine:
                                   dtype=self._dtype, registry=self.snapshots, prefix_cache=self.prefix_cache,
                                   max_rows=self.config.decode_rows, chunk=self.config.decode_chunk,
                                   min_capacity=self.config.min_seq_bucket, prompt_extras=self._prompt_extras,
-                                  compile_counts=self.compile_counts)
+                                  compile_counts=self.compile_counts,
+                                  continuous=self.config.continuous_batching, prefill_once=self.config.prefill_once)
         self._topk = jax.jit(self._topk_impl, static_argnames=("k",))
         self._ids = itertools.count()
         self._stats: collections.Counter[str] = collections.Counter()

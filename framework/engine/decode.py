@@ -129,12 +129,13 @@ class DecodeLoop:
     def __init__(self, *, graphdef: Any, base: Any, model_config: Any, dtype: Any, registry: SnapshotRegistry,
                  prefix_cache: PrefixCache, max_rows: int, chunk: int, min_capacity: int,
                  prompt_extras: Callable[[SampleJob], tuple[np.ndarray | None, TopK | None]],
-                 compile_counts: collections.Counter[str]):
+                 compile_counts: collections.Counter[str], continuous: bool = True, prefill_once: bool = True):
         self._graphdef, self._base = graphdef, base
         self._config, self._dtype = model_config, dtype
         self._registry, self._prefix = registry, prefix_cache
         self.max_rows, self.chunk, self._min_capacity = max_rows, chunk, min_capacity
         self._prompt_extras = prompt_extras
+        self._continuous, self._prefill_once = continuous, prefill_once  # off only to measure what they save
         self.compile_counts = compile_counts
         self._lock = threading.Lock()
         self._waiting: collections.deque[_Running] = collections.deque()
@@ -199,6 +200,8 @@ class DecodeLoop:
 
     # ------------------------------------------------------------------------------- admission
     def _admit_waiting(self) -> None:
+        if not self._continuous and self._rows.active.any():
+            return  # batch-synchronous: a batch runs until its longest row is done
         plan: list[tuple[_Running, int]] = []  # (request, samples to admit now)
         free = len(self._rows.free()) + max(0, self.max_rows - len(self._rows.owner))
         with self._lock:
@@ -238,11 +241,15 @@ class DecodeLoop:
     def _admit_plan(self, plan: list[tuple[_Running, int]]) -> None:
         slots = self._registry.place(sorted({o.job.snapshot_id for o in self._rows.owner if o is not None}
                                             | {r.job.snapshot_id for r, _ in plan}))
-        prompts = []  # (running, start, suffix) per prompt row
-        for running, _ in plan:
+        prompts = []  # (request, prefix-cache entry, shared length) per prefilled prompt row
+        sources: list[list[int]] = []  # per planned request: the prompt row of each sample admitted now
+        for running, n in plan:
             prompt = running.job.prompt
             entry, shared = self._prefix.lookup(running.job.snapshot_id, prompt, max_shared=len(prompt) - 1)
-            prompts.append((running, entry, shared))
+            copies = 1 if self._prefill_once else n
+            prompts += [(running, entry, shared)] * copies
+            sources.append([len(prompts) - 1] * n if self._prefill_once else list(range(len(prompts) - n,
+                                                                                          len(prompts))))
         new_rows = sum(n for _, n in plan)
         need_capacity = max(len(r.job.prompt) + r.job.max_tokens + 1 for r, _ in plan)
         suffix_len = bucket(max(len(r.job.prompt) - shared for r, _, shared in prompts), 16)
@@ -270,9 +277,9 @@ class DecodeLoop:
         for i, (running, n) in enumerate(plan):
             job = running.job
             keys = np.asarray(jax.random.key_data(sample_keys(job.seed, job.num_samples)))
-            for s in range(running.next_sample, running.next_sample + n):
+            for j, s in enumerate(range(running.next_sample, running.next_sample + n)):
                 row = free[k]
-                dest[k], src[k] = row, i
+                dest[k], src[k] = row, sources[i][j]
                 self._start_row(row, running, s, slots[job.snapshot_id], keys[s])
                 k += 1
             running.next_sample += n
@@ -331,7 +338,7 @@ class DecodeLoop:
         wanted = [o.job.topk_sample for o in rows.owner if o is not None and o.job.topk_sample]
         topk = min(bucket(max(wanted), 4), self._config.vocab_size) if wanted else 0
         bank = self._registry.bank
-        steps = self.chunk
+        steps = self.chunk if self._continuous else bucket(int((rows.budget - rows.counts)[rows.active].max()))
         active_before = rows.active.copy()
         out = self._chunk(self._base, bank.weights, bank.scales, rows.slot, self._cache, self._logits,
                           rows.key_data, rows.temperature, rows.top_p, rows.top_k, rows.stop, rows.counts,
