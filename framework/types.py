@@ -379,7 +379,10 @@ class AdamParams(_Request):
     @field_validator("beta1", "beta2")
     @classmethod
     def _beta(cls, value: float, info: Any) -> float:
-        return _finite(info.field_name, value, 0.0, 1.0, hi_open=True)
+        value = _finite(info.field_name, value, 0.0, 1.0, hi_open=True)
+        if np.float32(value) >= 1.0:  # the step runs in float32: 1 - beta would be 0 and the bias correction 0/0
+            raise _error(info.field_name, value, "< 1 in float32 (at most 0.99999994)")
+        return value
 
 
 class AdamOptimizerConfig(_Request):
