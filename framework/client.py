@@ -61,8 +61,9 @@ class ServiceClient:
         return types.GetServerCapabilitiesResponse(supported_models=models)
 
     def engine_metrics(self) -> dict[str, dict]:
-        """Each engine's `metrics()`, by base model."""
-        return {engine.base_model: engine.metrics() for engine, _ in self._runtime.engines()}
+        """Each engine's `metrics()` and its scheduler's queue figures, by base model."""
+        return {engine.base_model: {**engine.metrics(), "queue": scheduler.stats()}
+                for engine, scheduler in self._runtime.engines()}
 
     def create_lora_training_client(
         self, base_model: str, rank: int = 32, seed: int | None = None, train_mlp: bool = True,

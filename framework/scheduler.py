@@ -25,6 +25,7 @@ import collections
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from typing import Any, Protocol
@@ -58,6 +59,7 @@ class _Request:
     future: Future
     rows: int
     tokens: int
+    submitted: float = dataclasses.field(default_factory=time.perf_counter)
 
 
 class Scheduler:
@@ -73,7 +75,9 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closed = False
         self.batches_run = 0
+        self.requests_run = 0
         self.errors = 0
+        self.queue_wait_seconds = 0.0
         self._thread = threading.Thread(target=self._loop, name=f"{name}-scheduler", daemon=True)
         self._thread.start()
 
@@ -81,6 +85,11 @@ class Scheduler:
     def queue_depth(self) -> int:
         with self._cond:
             return len(self._pending)
+
+    def stats(self) -> dict[str, float]:
+        """Queue depth, batches and requests run, errors delivered, and the mean wait in the queue."""
+        return {"queue_depth": self.queue_depth, "batches": self.batches_run, "requests": self.requests_run,
+                "errors": self.errors, "queue_wait_seconds_mean": self.queue_wait_seconds / max(self.requests_run, 1)}
 
     def submit(self, run: BatchFn, payload: Any, *, adapter_id: str | None = None,
                batch_key: Hashable | None = None, rows: int = 1, tokens: int = 0) -> Future:
@@ -192,6 +201,9 @@ class Scheduler:
         live = [r for r in batch if r.future.set_running_or_notify_cancel()]
         if not live:
             return
+        now = time.perf_counter()
+        self.requests_run += len(live)
+        self.queue_wait_seconds += sum(now - r.submitted for r in live)
         try:
             results = list(batch[0].run([r.payload for r in live]))
             if len(results) != len(live):

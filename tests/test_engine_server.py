@@ -266,7 +266,7 @@ def test_failures_reach_their_futures_and_the_worker_keeps_serving(base_model, t
         real_chunk = decoder._chunk
 
         def broken_chunk(*args, **kwargs):
-            for leaf in jax.tree.leaves((args[4], args[5])):  # the donated cache and logits are gone
+            for leaf in jax.tree.leaves((args[5], args[6])):  # the donated cache and logits are gone
                 leaf.delete()
             raise RuntimeError("injected: the device failed mid-decode")
 

@@ -340,7 +340,15 @@ class DecodeLoop:
         bank = self._registry.bank
         steps = self.chunk if self._continuous else bucket(int((rows.budget - rows.counts)[rows.active].max()))
         active_before = rows.active.copy()
-        out = self._chunk(self._base, bank.weights, bank.scales, rows.slot, self._cache, self._logits,
+        # The snapshots this chunk reads, padded to a power of two with the empty slot: a decode step
+        # multiplies each row by every one of them (one-hot), so only these, not the whole bank.
+        in_use = sorted({int(rows.slot[r]) for r in np.flatnonzero(rows.active)})
+        used = np.zeros(bucket(len(in_use)), np.int32)
+        used[: len(in_use)] = in_use
+        local = np.zeros(len(rows.owner), np.int32)
+        for i, slot in enumerate(in_use):
+            local[rows.slot == slot] = i
+        out = self._chunk(self._base, bank.weights, bank.scales, used, local, self._cache, self._logits,
                           rows.key_data, rows.temperature, rows.top_p, rows.top_k, rows.stop, rows.counts,
                           rows.budget, rows.active, steps=steps, topk=topk)
         self._cache, self._logits = out["cache"], out["logits"]
@@ -439,11 +447,12 @@ class DecodeLoop:
     def _model(self, base: Any) -> Any:
         return nnx.merge(self._graphdef, base)
 
-    def _chunk_impl(self, base, bank_weights, bank_scales, slot, cache, logits, key_data, temperature, top_p, top_k,
-                    stop, counts, budget, active, *, steps: int, topk: int) -> dict[str, Any]:
+    def _chunk_impl(self, base, bank_weights, bank_scales, used, slot, cache, logits, key_data, temperature, top_p,
+                    top_k, stop, counts, budget, active, *, steps: int, topk: int) -> dict[str, Any]:
         self.compile_counts["decode"] += 1
         model = self._model(base)
-        hook = make_hook(LoraBank(bank_weights, bank_scales), slot)
+        bank = LoraBank(jax.tree.map(lambda w: w[:, used], bank_weights), bank_scales[used])
+        hook = make_hook(bank, slot)
         params = RowParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=budget,
                            keys=jax.random.wrap_key_data(key_data), stop_tokens=stop)
         rows = counts.shape[0]
