@@ -7,7 +7,6 @@ compiled training steps with packing, and a continuous-batching decode loop with
 from framework.engine.adapters import AdapterPool, AdapterState
 from framework.engine.config import EngineConfig
 from framework.engine.core import Engine
-from framework.engine.decode import bucket
 from framework.engine.requests import (
     CustomLossRequest,
     DatumArrays,
@@ -21,6 +20,7 @@ from framework.engine.requests import (
     SampleResult,
     TopK,
 )
+from framework.engine.shapes import bucket
 from framework.engine.snapshots import BASE, NoFreeSlot, Snapshot
 
 __all__ = [

@@ -31,7 +31,7 @@ from flax import nnx
 
 from framework.engine.adapters import AdapterPool, AdapterState
 from framework.engine.config import EngineConfig
-from framework.engine.decode import DecodeLoop, bucket
+from framework.engine.decode import DecodeLoop
 from framework.engine.packing import layout
 from framework.engine.prefix_cache import PrefixCache
 from framework.engine.requests import (
@@ -46,6 +46,7 @@ from framework.engine.requests import (
     SampleResult,
     TopK,
 )
+from framework.engine.shapes import bucket
 from framework.engine.snapshots import BASE, Snapshot, SnapshotRegistry, require_finite
 from framework.engine.training import TrainingSteps, batch_arrays, stack_adapters
 from framework.losses import LOSSES

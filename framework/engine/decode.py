@@ -42,18 +42,13 @@ from flax import nnx
 
 from framework.engine.prefix_cache import PrefixCache
 from framework.engine.requests import SampledRow, SampleJob, SampleResult, TopK
+from framework.engine.shapes import bucket
 from framework.engine.snapshots import NoFreeSlot, Snapshot, SnapshotRegistry
 from framework.sampling import RowParams, choose_tokens, sample_keys, truncate_at_stop_strings
 from lora import LoraBank, make_hook
 from models.kv_cache import KVCache, decode_step, extend
 
 logger = logging.getLogger(__name__)
-
-
-def bucket(n: int, minimum: int = 1) -> int:
-    """Smallest power of two ≥ max(n, minimum)."""
-    n = max(n, minimum, 1)
-    return 1 << (n - 1).bit_length()
 
 
 @dataclasses.dataclass

@@ -23,11 +23,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from framework.engine.requests import DatumArrays
-
-
-def bucket(n: int, minimum: int = 1) -> int:
-    n = max(n, minimum, 1)
-    return 1 << (n - 1).bit_length()
+from framework.engine.shapes import bucket
 
 
 @dataclasses.dataclass(frozen=True)
