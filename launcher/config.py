@@ -65,7 +65,8 @@ class ClientConfig:
     kind: str = "local"  # local: in-process engine | remote: a tinker-jax server (not wired yet)
     base_url: str | None = None
     api_key: str | None = None
-    # Engine bank sizes (local only).
+    # Engine sizes (local only): adapters held on the device (more page to host memory), the largest
+    # LoRA rank, published snapshots in the sampler bank at once.
     max_adapters: int = 4
     max_rank: int = 32
     sampler_slots: int = 4
