@@ -122,5 +122,5 @@ class ServiceClient:
             adapter, _, scale, _ = read.result()
             return engine.add_snapshot(snapshot_id, adapter, scale, version).snapshot_id
 
-        scheduler.call(install).result()
+        scheduler.call(install, ready=read).result()
         return SamplingClient(self, base_model, snapshot_id, version=version)

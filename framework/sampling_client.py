@@ -61,6 +61,7 @@ class SamplingClient:
         self._check_open()
         job = self._job(prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs,
                         topk_sample_logprobs)
+        self._scheduler.wake()  # raises if the engine is shut down, before the request takes a reference
         future = self._engine.submit_sample(job)
         self._scheduler.wake()
         return APIFuture(future, to_sample_response)

@@ -59,6 +59,7 @@ class _Request:
     future: Future
     rows: int
     tokens: int
+    ready: Future | None = None  # runs only once this is done (e.g. a checkpoint read on the I/O pool)
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
 
 
@@ -92,20 +93,29 @@ class Scheduler:
                 "errors": self.errors, "queue_wait_seconds_mean": self.queue_wait_seconds / max(self.requests_run, 1)}
 
     def submit(self, run: BatchFn, payload: Any, *, adapter_id: str | None = None,
-               batch_key: Hashable | None = None, rows: int = 1, tokens: int = 0) -> Future:
+               batch_key: Hashable | None = None, rows: int = 1, tokens: int = 0, ready: Future | None = None
+               ) -> Future:
         """Queue `payload` for `run`. Requests with equal `batch_key` may run as one `run` call (the first
-        request's), so a key must imply the function: e.g. `("forward_backward", loss_name)`."""
-        request = _Request(adapter_id, batch_key, run, payload, Future(), rows, tokens)
+        request's), so a key must imply the function: e.g. `("forward_backward", loss_name)`. With
+        `ready`, the request (and its adapter's later ones) waits until that future is done, without
+        holding up anyone else: disk reads happen off the worker, in the adapter's order."""
+        request = _Request(adapter_id, batch_key, run, payload, Future(), rows, tokens, ready)
         with self._cond:
             if self._closed:
                 raise SchedulerClosed("the engine's scheduler is shut down")
             self._pending.append(request)
             self._cond.notify()
+        if ready is not None:
+            ready.add_done_callback(lambda _: self._notify())
         return request.future
 
-    def call(self, fn: Callable[[], Any], *, adapter_id: str | None = None) -> Future:
+    def call(self, fn: Callable[[], Any], *, adapter_id: str | None = None, ready: Future | None = None) -> Future:
         """Run `fn()` alone on the worker, in order with the adapter's other requests."""
-        return self.submit(lambda payloads: [payloads[0]()], fn, adapter_id=adapter_id)
+        return self.submit(lambda payloads: [payloads[0]()], fn, adapter_id=adapter_id, ready=ready)
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify()
 
     def wake(self) -> None:
         """Tell the worker that background work arrived (after `engine.submit_sample`)."""
@@ -124,18 +134,34 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------ worker
     def _next_batch(self) -> list[_Request]:
-        head = self._pending[0]
+        """The first runnable request and what may run with it; [] if every queued request waits on a
+        `ready` future (or on an earlier request of its adapter that does)."""
+        blocked: set[str | None] = set()
+        pending = list(self._pending)
+        head_index = None
+        for i, r in enumerate(pending):
+            if r.adapter_id is not None and r.adapter_id in blocked:
+                continue
+            if r.ready is not None and not r.ready.done():
+                if r.adapter_id is not None:
+                    blocked.add(r.adapter_id)
+                continue
+            head_index = i
+            break
+        if head_index is None:
+            return []
+        head = pending[head_index]
         batch = [head]
         if head.batch_key is not None:
-            blocked: set[str | None] = set()
             adapters = {head.adapter_id}
             rows, tokens = head.rows, head.tokens
-            for r in list(self._pending)[1:]:
+            for r in pending[head_index + 1:]:
                 fits = rows + r.rows <= self.max_batch_rows and (
                     self.max_batch_tokens is None or tokens + r.tokens <= self.max_batch_tokens) and (
                     self.max_batch_adapters is None or r.adapter_id in adapters
                     or len(adapters) < self.max_batch_adapters)
-                if r.batch_key == head.batch_key and r.adapter_id not in blocked and fits:
+                ready = r.ready is None or r.ready.done()
+                if r.batch_key == head.batch_key and r.adapter_id not in blocked and fits and ready:
                     batch.append(r)
                     adapters.add(r.adapter_id)
                     rows += r.rows
@@ -158,11 +184,15 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._closed and not self._has_background():
+                while True:
+                    if self._closed:
+                        break
+                    batch = self._next_batch() if self._pending else []
+                    if batch or self._has_background():
+                        break
                     self._cond.wait()
                 if self._closed:
                     break
-                batch = self._next_batch() if self._pending else []
             if batch:
                 self._run_safely(batch)
                 self.batches_run += 1

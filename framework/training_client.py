@@ -5,7 +5,8 @@ on the base model's scheduler in order with the adapter's other requests, and re
 
 Disk work never runs on the engine's worker: a save takes a host copy of the state on the worker
 (in order with the adapter's requests) and writes it on the I/O pool; a load starts reading on the
-I/O pool at once and the worker only installs what was read, when the load's turn comes.
+I/O pool at once; the load waits in its adapter's queue until the read is done (other tenants' work
+runs meanwhile), then the worker only installs what was read.
 """
 
 from __future__ import annotations
@@ -109,9 +110,10 @@ class TrainingClient:
             traced, out_shape = jax.make_jaxpr(lambda lps: loss_fn(data, lps), return_shape=True)(shapes)
         except (jax.errors.JAXTypeError, jax.errors.ConcretizationTypeError, TypeError):
             return self._forward_backward_custom_vjp(data, loss_fn)
-        if not self._engine.wants_custom_step(traced, [len(a.tokens) for a in arrays]):
+        out_tree = jax.tree.structure(out_shape)
+        if not self._engine.wants_custom_step(traced, out_tree, [len(a.tokens) for a in arrays]):
             return self._forward_backward_custom_vjp(data, loss_fn)
-        request = CustomLossRequest(self.model_id, arrays, traced, jax.tree.structure(out_shape))
+        request = CustomLossRequest(self.model_id, arrays, traced, out_tree)
         engine = self._engine
 
         def run(payloads: Sequence[CustomLossRequest]) -> list[types.ForwardBackwardOutput]:
@@ -201,14 +203,14 @@ class TrainingClient:
         read = IO_POOL.submit(checkpoints.load_training_state, path, weights_like=zero,
                               opt_state_like=jax.eval_shape(init_opt_state, zero))
 
-        def install() -> types.LoadWeightsResponse:  # on the worker, in order with the adapter's requests
+        def install() -> types.LoadWeightsResponse:  # on the worker, in order, once the read is done
             weights, opt_state, step = read.result()
             adapter = engine.adapters.get(self.model_id)
             engine.set_adapter_state(self.model_id, weights, opt_state if with_optimizer else None,
                                      step if with_optimizer else adapter.step)
             return types.LoadWeightsResponse(path=str(path), model_id=self.model_id)
 
-        return APIFuture(self._scheduler.call(install, adapter_id=self.model_id))
+        return APIFuture(self._scheduler.call(install, adapter_id=self.model_id, ready=read))
 
     def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None,
                                  user_metadata: dict[str, str] | None = None

@@ -447,3 +447,145 @@ def test_metrics_report_the_engine_state(base_model, tmp_path):
     assert metrics["sampling"]["tokens"] == 24 and metrics["training"]["tokens"] == 40
     assert 0 <= metrics["training"]["padding_fraction"] < 1 and metrics["sampling"]["tokens_per_s"] > 0
 
+
+
+# ---------------------------------------------------------------------------------- review regressions
+def test_requests_waiting_for_a_sampler_slot_are_served_in_turn(base_model):
+    """More snapshots sampling at once than sampler slots: requests wait for a slot, none fails or hangs."""
+    engine = Engine(base_model, EngineConfig(max_rank=8, sampler_slots=1, decode_chunk=2))
+    snaps = []
+    for seed in (1, 2):
+        a = engine.create_adapter(rank=4, seed=seed)
+        snaps.append(engine.publish(a.adapter_id).snapshot_id)
+    rng = np.random.default_rng(0)
+    jobs = [SampleJob(snapshot_id=snaps[i % 2], prompt=rng.integers(3, VOCAB, 6).astype(np.int32), num_samples=2,
+                      max_tokens=6, temperature=1.0, top_p=1.0, top_k=-1, seed=i) for i in range(4)]
+    futures = [engine.submit_sample(job) for job in jobs]
+    for _ in range(200):
+        if all(f.done() for f in futures):
+            break
+        engine.step_sampling()
+    assert all(f.done() for f in futures)
+    assert [len(f.result().sequences) for f in futures] == [2, 2, 2, 2]
+    assert engine.decoder.waiting == 0 and not engine.decoder.has_work()
+
+
+def test_a_failed_admission_fails_its_requests_and_releases_their_snapshots(base_model, monkeypatch):
+    engine = Engine(base_model, EngineConfig(max_rank=8))
+    snapshot = engine.publish(engine.create_adapter(rank=4, seed=1).adapter_id)
+    job = SampleJob(snapshot_id=snapshot.snapshot_id, prompt=np.arange(3, 9, dtype=np.int32), num_samples=2,
+                    max_tokens=4, temperature=1.0, top_p=1.0, top_k=-1, seed=0)
+    real = engine.decoder._ensure_pool
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("injected: no room for the pool")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.decoder, "_ensure_pool", failing)
+    future = engine.submit_sample(job)
+    engine.step_sampling()
+    with pytest.raises(MemoryError, match="injected"):
+        future.result(0)
+    assert not engine.decoder.has_work()
+    assert engine.snapshots.get(snapshot.snapshot_id).refs == 1  # the request's reference was released
+    assert len(engine.sample([job])[0].sequences) == 2  # and the engine serves the next request
+
+
+def test_a_failed_batch_of_optim_steps_steps_no_adapter_twice(base_model, monkeypatch):
+    """A, B, A in one batch: the second compiled call fails once; the scheduler retries each alone and
+    every adapter ends with exactly the steps it was asked for."""
+    from framework.scheduler import Scheduler
+
+    engine = Engine(base_model, EngineConfig(max_rank=8))
+    a, b = (engine.create_adapter(rank=4, seed=s).adapter_id for s in (1, 2))
+    real = engine._steps.optim
+    calls = []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected: the device failed")
+        return real(*args)
+
+    monkeypatch.setattr(engine._steps, "optim", flaky)
+    scheduler = Scheduler()
+    try:
+        gate = threading.Event()
+        scheduler.call(lambda: gate.wait(30))
+        hp = AdamHyperparams.make(1e-2)
+        futures = [scheduler.submit(engine.optim_step, OptimRequest(i, hp), batch_key=("optim",)) for i in (a, b, a)]
+        gate.set()
+        assert [f.result(60).version for f in futures] == [1, 1, 2]
+        assert (engine.adapters[a].step, engine.adapters[b].step) == (2, 1)
+        assert (engine.adapters[a].version, engine.adapters[b].version) == (2, 1)
+    finally:
+        scheduler.shutdown()
+
+
+def test_top_k_widths_may_differ_between_requests_sharing_steps(base_model):
+    engine = Engine(base_model, EngineConfig(max_rank=8, decode_chunk=2))
+    rng = np.random.default_rng(1)
+
+    def job(k: int, max_tokens: int) -> SampleJob:
+        return SampleJob(snapshot_id="base", prompt=rng.integers(3, VOCAB, 5).astype(np.int32), num_samples=1,
+                         max_tokens=max_tokens, temperature=1.0, top_p=1.0, top_k=-1, seed=k, topk_sample=k)
+
+    first = engine.submit_sample(job(2, 8))
+    engine.step_sampling()
+    wider, none = engine.submit_sample(job(10, 6)), engine.submit_sample(job(0, 6))  # join mid-decode
+    while not all(f.done() for f in (first, wider, none)):
+        engine.step_sampling()
+    assert first.result().sequences[0].topk.ids.shape == (8, 2)
+    assert wider.result().sequences[0].topk.ids.shape == (6, 10)
+    assert none.result().sequences[0].topk is None
+
+
+def test_a_release_from_a_finalizer_never_blocks(base_model):
+    """A garbage collector may run a SamplingClient's finalizer on a thread that holds the registry's
+    lock: the release must not wait for that lock."""
+    engine = Engine(base_model, EngineConfig(max_rank=8))
+    snapshot = engine.publish(engine.create_adapter(rank=4, seed=1).adapter_id)
+    registry = engine.snapshots
+    done = threading.Event()
+
+    def release_under_the_lock() -> None:
+        with registry._lock:
+            registry.release(snapshot.snapshot_id)  # what a finalizer would do mid-operation
+        done.set()
+
+    threading.Thread(target=release_under_the_lock, daemon=True).start()
+    assert done.wait(10), "release blocked on the registry's own lock"
+    assert snapshot.snapshot_id not in registry
+
+
+def test_a_checkpoint_read_does_not_hold_up_other_tenants(base_model, tmp_path, monkeypatch):
+    """A load reads on the I/O pool; while the read is stuck, another tenant's requests run, and the
+    loading tenant's later requests wait for the load."""
+    from framework import checkpoints
+
+    with ServiceClient(home=tmp_path) as service:
+        loader, other = (service.create_lora_training_client(base_model, rank=4, seed=s) for s in (1, 2))
+        train(loader, 1, seed=0)
+        path = loader.save_state("one").result().path
+        loss_at_one = loader.forward(batch(3), "cross_entropy").result().metrics["loss:sum"]
+        train(loader, 2, seed=1)
+        real = checkpoints.load_training_state
+        reading, release = threading.Event(), threading.Event()
+
+        def slow(*args, **kwargs):
+            reading.set()
+            release.wait(60)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(checkpoints, "load_training_state", slow)
+        loaded = loader.load_state_with_optimizer(path)
+        after_load = loader.forward(batch(3), "cross_entropy")
+        assert reading.wait(30)
+        assert np.isfinite(train(other, 1, seed=5)).all()  # runs while the read is stuck
+        assert not loaded.done() and not after_load.done()
+        release.set()
+        loaded.result(60)
+        assert after_load.result(60).metrics["loss:sum"] == pytest.approx(loss_at_one, rel=1e-6)

@@ -43,6 +43,7 @@ class AdapterState:
     accumulated: int = 0  # forward_backward calls since the last optim_step
     resident: bool = True
     last_used: int = 0
+    incarnation: int = 0  # distinguishes adapters created under a reused id (snapshot ids include it)
 
     @property
     def scale(self) -> float:
@@ -114,7 +115,8 @@ class AdapterPool:
 
     @property
     def resident_count(self) -> int:
-        return sum(a.resident for a in self._adapters.values())
+        # list() of a dict view runs in C under the GIL: safe while the worker adds or removes adapters
+        return sum(a.resident for a in list(self._adapters.values()))
 
     def _make_room(self, keep: set[str], incoming: int = 0) -> None:
         resident = sorted((a for a in self._adapters.values() if a.resident and a.adapter_id not in keep),

@@ -103,7 +103,8 @@ class Engine:
         if adapter_id in self.adapters:
             raise ValueError(f"adapter_id {adapter_id!r} already exists")
         weights = self._new_weights(rank=rank, seed=seed, targets=targets)
-        return self.adapters.add(AdapterState(adapter_id, rank, float(alpha), tuple(targets), seed, weights))
+        return self.adapters.add(AdapterState(adapter_id, rank, float(alpha), tuple(targets), seed, weights,
+                                              incarnation=next(self._ids)))
 
     def remove_adapter(self, adapter_id: str) -> None:
         """Forget an adapter and free its memory (its published snapshots live on while referenced)."""
@@ -232,15 +233,18 @@ class Engine:
         return ForwardResult([logprobs[i, :n].copy() for i, n in enumerate(lengths)], float(value),
                              {k: float(v) for k, v in metrics.items()})
 
-    def wants_custom_step(self, loss: Any, lengths: Sequence[int]) -> bool:
-        return self._steps.wants_custom_step(loss, lengths)
+    def wants_custom_step(self, loss: Any, out_tree: Any, lengths: Sequence[int]) -> bool:
+        return self._steps.wants_custom_step(loss, out_tree, lengths)
 
     # ------------------------------------------------------------------------------------- optim
     def optim_step(self, requests: Sequence[OptimRequest]) -> list[OptimResult]:
         """AdamW for each request's adapter from its accumulated gradients (zero if none), several
-        adapters per compiled call; requests of the same adapter apply in order."""
+        adapters per compiled call; requests of the same adapter apply in order. All or nothing: the
+        new states are committed only once every call has succeeded, so a failure (and the
+        scheduler's retry of each request alone) never steps an adapter twice."""
         t0 = time.perf_counter()
-        results: list[OptimResult | None] = [None] * len(requests)
+        metrics: list[dict[str, Any] | None] = [None] * len(requests)
+        staged: dict[str, dict[str, Any]] = {}  # adapter id -> its state after the calls so far
         pending = list(enumerate(requests))
         while pending:
             batch, rest, seen = [], [], set()
@@ -251,31 +255,43 @@ class Engine:
                     seen.add(request.adapter_id)
                     batch.append((i, request))
             adapters = self.adapters.ensure_resident([r.adapter_id for _, r in batch])
+            states = [staged.get(a.adapter_id) or {"weights": a.weights, "grads": a.grads, "opt_state": a.opt_state}
+                      for a in adapters]
             pad = bucket(len(batch)) - len(batch)  # a power of two of adapters per call: few compiled programs
-            params = tuple(a.weights for a in adapters) + (self._zero,) * pad
-            grads = tuple(a.grads if a.grads is not None else self._zero for a in adapters) + (self._zero,) * pad
-            states = tuple(a.opt_state if a.opt_state is not None else init_opt_state(a.weights)
-                           for a in adapters) + (self._zero_opt_state,) * pad
+            params = tuple(st["weights"] for st in states) + (self._zero,) * pad
+            grads = tuple(st["grads"] if st["grads"] is not None else self._zero for st in states) + (self._zero,) * pad
+            opt = tuple(st["opt_state"] if st["opt_state"] is not None else init_opt_state(st["weights"])
+                        for st in states) + (self._zero_opt_state,) * pad
             hps = tuple(r.hp for _, r in batch) + (self._zero_hp,) * pad
-            new_params, new_states, metrics = self._steps.optim(params, grads, states, hps)
-            metrics = jax.device_get(metrics)  # waits: an execution error surfaces before any state changes
-            for k, ((i, _), adapter) in enumerate(zip(batch, adapters, strict=True)):
-                adapter.weights, adapter.opt_state = new_params[k], new_states[k]
-                adapter.grads, adapter.accumulated = None, 0
-                adapter.step += 1
-                adapter.version += 1
-                results[i] = OptimResult({name: float(v) for name, v in metrics[k].items()}, adapter.version)
+            new_params, new_opt, step_metrics = self._steps.optim(params, grads, opt, hps)
+            step_metrics = jax.device_get(step_metrics)  # waits: an execution error surfaces here
+            for k, (i, request) in enumerate(batch):
+                staged[request.adapter_id] = {"weights": new_params[k], "grads": None, "opt_state": new_opt[k]}
+                metrics[i] = step_metrics[k]
             pending = rest
+        for adapter_id, state in staged.items():  # commit
+            adapter = self.adapters.get(adapter_id)
+            if not adapter.resident:  # paged out by a later call of this batch: keep it on the host
+                state = jax.device_get(state)
+            adapter.weights, adapter.opt_state = state["weights"], state["opt_state"]
+            adapter.grads, adapter.accumulated = None, 0
+        results = []
+        for request, m in zip(requests, metrics, strict=True):
+            adapter = self.adapters.get(request.adapter_id)
+            adapter.step += 1
+            adapter.version += 1
+            results.append(OptimResult({name: float(v) for name, v in m.items()}, adapter.version))
         self._seconds["optim_step"] += time.perf_counter() - t0
         self._stats["optim_steps"] += len(requests)
-        return results  # type: ignore[return-value]
+        return results
 
     # ---------------------------------------------------------------------------------- snapshots
     def publish(self, adapter_id: str) -> Snapshot:
         """The adapter's current weights as a sampler snapshot (no copy), holding one reference for the
         caller (`release_snapshot` when done)."""
+        self.collect()
         adapter = self.adapters.ensure_resident([adapter_id])[0]
-        snapshot_id = f"{adapter_id}@v{adapter.version}"
+        snapshot_id = f"{adapter_id}#{adapter.incarnation}@v{adapter.version}"
         live = self.snapshots.try_acquire(snapshot_id)
         if live is not None:
             return live
@@ -286,6 +302,7 @@ class Engine:
     def add_snapshot(self, snapshot_id: str, weights: LoraWeights, scale: float, version: int,
                      adapter_id: str | None = None) -> Snapshot:
         """Register externally loaded sampler weights (e.g. a saved adapter), holding one reference."""
+        self.collect()
         live = self.snapshots.try_acquire(snapshot_id)
         if live is not None:
             return live

@@ -62,6 +62,8 @@ class _Running:
     results: list[SampledRow | None]
     next_sample: int = 0  # samples [0, next_sample) have been admitted
     cached_tokens: int = 0
+    started: bool = False  # its future was marked running (at its first admission)
+    settled: bool = False  # its future is resolved and its snapshot reference released
 
     @property
     def finished(self) -> bool:
@@ -198,36 +200,55 @@ class DecodeLoop:
         if not self._continuous and self._rows.active.any():
             return  # batch-synchronous: a batch runs until its longest row is done
         plan: list[tuple[_Running, int]] = []  # (request, samples to admit now)
-        free = len(self._rows.free()) + max(0, self.max_rows - len(self._rows.owner))
+        free = self.max_rows - self.active_rows
         with self._lock:
             candidates = list(self._waiting)
         active_sids = {o.job.snapshot_id for o in self._rows.owner if o is not None}
         for running in candidates:
             if free <= 0:
                 break
-            if running.next_sample == 0 and not running.future.set_running_or_notify_cancel():
+            if not running.started and running.future.cancelled():
                 self._remove_waiting(running)
-                self._registry.release(running.snapshot.snapshot_id)
+                self._settle(running)
                 continue
             try:
                 self._registry.place(sorted(active_sids | {running.job.snapshot_id}))
             except NoFreeSlot:
-                continue  # its snapshot waits for a slot; later requests may use loaded ones
+                # FIFO under contention: admitting later requests would keep the slots pinned and
+                # starve this one; it goes first once running rows free a slot.
+                break
             except Exception as error:  # e.g. the snapshot's weights could not be placed
-                self._remove_waiting(running)
-                self._settle(running, error=error)
-                continue
+                if running.next_sample == 0:
+                    self._remove_waiting(running)
+                    self._settle(running, error=error)
+                    continue
+                raise  # some of its samples are in the pool: fail the pool with it
+            if not running.started:
+                if not running.future.set_running_or_notify_cancel():  # cancelled just now
+                    self._remove_waiting(running)
+                    self._settle(running)
+                    continue
+                running.started = True
             active_sids.add(running.job.snapshot_id)
             n = min(running.job.num_samples - running.next_sample, free)
             plan.append((running, n))
             free -= n
         if not plan:
             return
-        for running, n in plan:
-            if running.next_sample + n == running.job.num_samples:
+        try:
+            self._admit_plan(plan)
+        except Exception as error:
+            # Requests with no row in the pool yet are failed here (the pool's failure handling only sees
+            # rows); the pool itself may be half-updated, so the caller resets it.
+            for running, _ in plan:
+                if not any(o is running for o in self._rows.owner):
+                    self._remove_waiting(running)
+                    self._settle(running, error=error)
+            raise
+        for running, _ in plan:
+            if running.next_sample == running.job.num_samples:
                 self._remove_waiting(running)
             self.queue_wait_seconds += time.perf_counter() - running.submitted
-        self._admit_plan(plan)
 
     def _remove_waiting(self, running: _Running) -> None:
         with self._lock, contextlib.suppress(ValueError):
@@ -361,9 +382,10 @@ class DecodeLoop:
             n = int(emitted[row])
             rows.tokens[row].extend(tokens[row, :n].tolist())
             rows.logprobs[row].extend(logprobs[row, :n].tolist())
-            if topk:
-                rows.topk_ids[row].append(topk_ids[row, :n])
-                rows.topk_logprobs[row].append(topk_lps[row, :n])
+            width = rows.owner[row].job.topk_sample
+            if topk and width:  # the chunk's width is the widest request's: keep this request's own
+                rows.topk_ids[row].append(topk_ids[row, :n, :width].copy())
+                rows.topk_logprobs[row].append(topk_lps[row, :n, :width].copy())
         rows.counts[:] = counts
         rows.active[:] = active
         for row in np.flatnonzero(active_before):
@@ -385,9 +407,7 @@ class DecodeLoop:
         job = running.job
         top = None
         if job.topk_sample and rows.topk_ids[row]:
-            ids = np.concatenate(rows.topk_ids[row])[:keep, : job.topk_sample]
-            lps = np.concatenate(rows.topk_logprobs[row])[:keep, : job.topk_sample]
-            top = TopK(ids, lps)
+            top = TopK(np.concatenate(rows.topk_ids[row])[:keep], np.concatenate(rows.topk_logprobs[row])[:keep])
         running.results[rows.sample[row]] = SampledRow(rows.tokens[row][:keep], rows.logprobs[row][:keep],
                                                        "stop" if stopped else "length", top)
         if self._prefix.enabled and keep > 0:
@@ -413,11 +433,13 @@ class DecodeLoop:
         self._settle(running, result=result)
 
     def _settle(self, running: _Running, *, result: Any = None, error: BaseException | None = None) -> None:
+        """Resolve the request's future (unless it was cancelled) and release its snapshot, once."""
+        if running.settled:
+            return
+        running.settled = True
         self._registry.release(running.snapshot.snapshot_id)
         future = running.future
-        if future.done():
-            return
-        if not future.running() and not future.set_running_or_notify_cancel():
+        if future.done() or (not future.running() and not future.set_running_or_notify_cancel()):
             return
         if error is not None:
             future.set_exception(error)

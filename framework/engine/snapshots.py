@@ -5,10 +5,11 @@ sampler bank that holds the ones being sampled.
   the base model (`base`, permanent). Its weights are device arrays shared with whatever produced
   them (publishing copies nothing: engine writes never modify arrays in place).
 - Lifetimes are reference counts: a `SamplingClient`, a name the service keeps, a queued or running
-  request each hold one (`acquire` / `release`, thread-safe: a client's finalizer may release from
-  any thread). At zero the snapshot is dropped, its bank slot reclaimed and its prefix-cache entries
-  purged (`drain_freed` tells the engine's worker which), so memory follows what is referenced,
-  never the number of publishes.
+  request each hold one (`acquire` / `release`). `release` only queues the decrement (a
+  `SimpleQueue`, safe in a garbage collector's finalizer on any thread, even one that holds the
+  registry's lock); every locked operation applies the queued ones first. At zero the snapshot is
+  dropped, its bank slot reclaimed and its prefix-cache entries purged (`drain_freed` tells the
+  engine's worker which), so memory follows what is referenced, never the number of publishes.
 - The sampler bank is a fixed `[L, S, d, R]` device cache of `sampler_slots` snapshots (slot 0 is the
   base model, all zeros). `place(ids)` loads snapshots into slots (LRU among unpinned slots);
   slots that decoding rows use are pinned. Weights must be finite: a decode step multiplies every
@@ -20,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import queue
 import threading
 from collections.abc import Sequence
 
@@ -66,6 +68,7 @@ class SnapshotRegistry:
 
     def __init__(self, bank: LoraBank):
         self._lock = threading.Lock()
+        self._releases: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._snapshots: dict[str, Snapshot] = {BASE: Snapshot(BASE, None, 0, None, 0.0, refs=1)}
         self._freed: list[str] = []
         self.bank = bank
@@ -74,10 +77,26 @@ class SnapshotRegistry:
         self.slot_loads = 0
 
     # ------------------------------------------------------------------------------ lifetimes
+    def _apply_releases(self) -> None:
+        """Apply the queued decrements (with the lock held)."""
+        while True:
+            try:
+                snapshot_id = self._releases.get_nowait()
+            except queue.Empty:
+                return
+            snapshot = self._snapshots.get(snapshot_id)
+            if snapshot is None or snapshot_id == BASE:
+                continue
+            snapshot.refs -= 1
+            if snapshot.refs <= 0:
+                del self._snapshots[snapshot_id]
+                self._freed.append(snapshot_id)
+
     def add(self, snapshot: Snapshot) -> Snapshot:
         """Register `snapshot` holding one reference for the caller; if its id is already live, take
         a reference to the live one instead (same id = same weights)."""
         with self._lock:
+            self._apply_releases()
             live = self._snapshots.get(snapshot.snapshot_id)
             if live is not None:
                 live.refs += 1
@@ -88,11 +107,12 @@ class SnapshotRegistry:
 
     def acquire(self, snapshot_id: str) -> Snapshot:
         with self._lock:
+            self._apply_releases()
             snapshot = self._snapshots.get(snapshot_id)
-            if snapshot is None:
-                raise KeyError(f"unknown sampler snapshot {snapshot_id!r} (never published, or released)")
-            snapshot.refs += 1
-            return snapshot
+            if snapshot is not None:
+                snapshot.refs += 1
+                return snapshot
+        raise KeyError(f"unknown sampler snapshot {snapshot_id!r} (never published, or released)")
 
     def try_acquire(self, snapshot_id: str) -> Snapshot | None:
         try:
@@ -101,17 +121,12 @@ class SnapshotRegistry:
             return None
 
     def release(self, snapshot_id: str) -> None:
-        with self._lock:
-            snapshot = self._snapshots.get(snapshot_id)
-            if snapshot is None or snapshot_id == BASE:
-                return
-            snapshot.refs -= 1
-            if snapshot.refs <= 0:
-                del self._snapshots[snapshot_id]
-                self._freed.append(snapshot_id)
+        """Drop one reference (any thread, finalizers included: this never blocks)."""
+        self._releases.put(snapshot_id)
 
     def get(self, snapshot_id: str) -> Snapshot:
         with self._lock:
+            self._apply_releases()
             snapshot = self._snapshots.get(snapshot_id)
         if snapshot is None:
             raise KeyError(f"unknown sampler snapshot {snapshot_id!r} (never published, or released)")
@@ -119,20 +134,24 @@ class SnapshotRegistry:
 
     def __contains__(self, snapshot_id: object) -> bool:
         with self._lock:
+            self._apply_releases()
             return snapshot_id in self._snapshots
 
     def __len__(self) -> int:
         with self._lock:
+            self._apply_releases()
             return len(self._snapshots)
 
     def live_bytes(self) -> int:
         with self._lock:
+            self._apply_releases()
             snapshots = list(self._snapshots.values())
         return sum(s.nbytes for s in snapshots)
 
     def drain_freed(self) -> list[str]:
         """Snapshots freed since the last call (worker side: purge their bank slots and caches)."""
         with self._lock:
+            self._apply_releases()
             freed, self._freed = self._freed, []
         for snapshot_id in freed:  # a freed snapshot has no running rows (they hold references): no pins
             self._slot_of.pop(snapshot_id, None)

@@ -101,7 +101,7 @@ class TrainingSteps:
     # ---------------------------------------------------------------------------------- custom loss
     def custom_step(self, loss: Any, out_tree: Any, lengths: tuple[int, ...]) -> Any:
         """The compiled step for a traced custom loss over datums of `lengths` (LRU-cached)."""
-        key = (str(loss.jaxpr), lengths)
+        key = (str(loss.jaxpr), str(out_tree), lengths)
         with self._lock:
             step = self._custom.get(key)
             if step is None:
@@ -113,11 +113,11 @@ class TrainingSteps:
             self._custom.move_to_end(key)
         return step
 
-    def wants_custom_step(self, loss: Any, lengths: Sequence[int]) -> bool:
+    def wants_custom_step(self, loss: Any, out_tree: Any, lengths: Sequence[int]) -> bool:
         """Whether a traced custom loss should get a compiled step of its own: once the same structure
         and lengths come a second time (or are compiled already). A one-off is cheaper through the
         two-pass path, which reuses the bucketed cross-entropy steps."""
-        key = (str(loss.jaxpr), tuple(lengths))
+        key = (str(loss.jaxpr), str(out_tree), tuple(lengths))
         with self._lock:
             seen = self._custom_seen.pop(key, 0) + 1
             self._custom_seen[key] = seen
