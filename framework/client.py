@@ -158,6 +158,32 @@ class ServiceClient:
                   for engine, _ in self._runtime._engines.values()]
         return types.GetServerCapabilitiesResponse(supported_models=models)
 
+    def load_base_model(self, base_model: str) -> types.SupportedModel:
+        """Load `base_model` now (weights, engine, scheduler) rather than on first use, and describe it.
+
+        A server calls this at start-up for every model it serves, so the first user does not wait
+        for the weights and a bad path fails before anyone connects.
+        """
+        engine, _ = self._runtime.get(base_model)
+        return types.SupportedModel(model_name=engine.base_model, max_context_length=engine.max_seq_len,
+                                    trainable=True, sampleable=True)
+
+    def model_info(self, base_model: str) -> types.ModelData:
+        """Architecture and tokenizer of a (loaded or loadable) base model, as `get_info` reports them."""
+        engine, _ = self._runtime.get(base_model)
+        return types.ModelData(arch=engine.model_config.model_type, model_name=base_model, tokenizer_id=base_model)
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """Counters of every loaded base model, for monitoring: compilations per op (`compiles/<op>`),
+        live adapters, published sampler snapshots, engine batches run and requests queued."""
+        out: dict[str, dict[str, float]] = {}
+        for key, (engine, scheduler) in list(self._runtime._engines.items()):
+            row = {f"compiles/{op}": float(n) for op, n in engine.compile_counts.items()}
+            row.update({"adapters": float(len(engine.adapters)), "snapshots": float(len(engine.snapshots) - 1),
+                        "batches_run": float(scheduler.batches_run), "queued": float(scheduler.queued)})
+            out[key] = row
+        return out
+
     def create_lora_training_client(
         self, base_model: str, rank: int = 32, seed: int | None = None, train_mlp: bool = True,
         train_attn: bool = True, train_unembed: bool = True, user_metadata: dict[str, str] | None = None,
@@ -225,6 +251,30 @@ class TrainingClient:
         self.lora_config = lora_config
         self.user_metadata = user_metadata
         self._engine, self._scheduler = service._runtime.get(base_model)
+        self._released = False
+
+    def release(self) -> None:
+        """Free this client's adapter on the engine (its slot, gradients and optimizer state) once the
+        requests already queued for it have run. Saved checkpoints and sampling clients made from its
+        snapshots keep working; this client refuses further requests. Idempotent."""
+        if self._released:
+            return
+        self._released = True
+        engine, model_id = self._engine, self.model_id
+        self._scheduler.call(lambda: engine.remove_adapter(model_id), adapter_id=model_id).result()
+
+    def _check_live(self) -> None:
+        if self._released:
+            raise ValueError(f"training client {self.model_id} was released; create a new one")
+
+    def check_forward_inputs(self, data: Sequence[types.Datum], loss_fn: types.LossFnType,
+                             loss_fn_config: dict[str, float] | None = None) -> None:
+        """Raise the `ValueError` that `forward`/`forward_backward` would raise for this input, without
+        queueing anything: lets a caller that delays submission (a server ordering requests by
+        sequence number) refuse bad input when it arrives."""
+        self._check_live()
+        datums_to_arrays(data, loss_fn, loss_fn_config, vocab_size=self._engine.model_config.vocab_size,
+                         max_seq_len=self._engine.max_seq_len)
 
     # --------------------------------------------------------------------------- forward/backward
     def forward(self, data: Sequence[types.Datum], loss_fn: types.LossFnType,
@@ -236,6 +286,7 @@ class TrainingClient:
         return self._forward(data, loss_fn, loss_fn_config, backward=True)
 
     def _forward(self, data, loss_fn, loss_fn_config, *, backward: bool) -> APIFuture[types.ForwardBackwardOutput]:
+        self._check_live()
         engine = self._engine
         arrays, config = datums_to_arrays(data, loss_fn, loss_fn_config, vocab_size=engine.model_config.vocab_size,
                                           max_seq_len=engine.max_seq_len)
@@ -299,6 +350,7 @@ class TrainingClient:
 
     # ---------------------------------------------------------------------------------- optimizer
     def optim_step(self, adam_params: types.AdamParams | None = None) -> APIFuture[types.OptimStepResponse]:
+        self._check_live()
         adam = adam_params or types.AdamParams()
         if not isinstance(adam, types.AdamParams):
             raise ValueError(f"adam_params must be AdamParams, got {type(adam).__name__}")
@@ -324,6 +376,7 @@ class TrainingClient:
     def save_state(self, name: str, ttl_seconds: int | None = None, overwrite: bool = False,
                    user_metadata: dict[str, str] | None = None) -> APIFuture[types.SaveWeightsResponse]:
         """Save adapter weights + optimizer state + step (Orbax) under the client's home."""
+        self._check_live()
         path = self._path("weights", name)
         if path.exists() and not overwrite:
             raise FileExistsError(f"checkpoint {name!r} already exists at {path}; pass overwrite=True")
@@ -349,6 +402,7 @@ class TrainingClient:
         return self._load(path, with_optimizer=True)
 
     def _load(self, path: str, *, with_optimizer: bool) -> APIFuture[types.LoadWeightsResponse]:
+        self._check_live()
         meta = checkpoints.read_meta(path)
         engine = self._engine
         for key, ours in (("max_rank", engine.config.max_rank), ("bank_targets", list(engine.config.targets))):
@@ -373,6 +427,7 @@ class TrainingClient:
                                  user_metadata: dict[str, str] | None = None
                                  ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
         """Write the adapter as a PEFT directory (loadable by `peft`, vLLM, `create_sampling_client`)."""
+        self._check_live()
         path = self._path("sampler_weights", name)
         engine = self._engine
 
@@ -391,6 +446,7 @@ class TrainingClient:
 
     def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
         """Publish the current weights as an in-memory snapshot and sample from it (no disk round trip)."""
+        self._check_live()
         if name is not None:
             self.save_weights_for_sampler(name).result()
         engine = self._engine

@@ -62,6 +62,11 @@ class Scheduler:
             self._cond.notify()
         return request.future
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the worker (not counting the batch it is running)."""
+        return len(self._pending)
+
     def call(self, fn: Callable[[], Any], *, adapter_id: str | None = None) -> Future:
         """Run `fn()` alone on the worker, in order with the adapter's other requests."""
         return self.submit(lambda payloads: [payloads[0]()], fn, adapter_id=adapter_id)
