@@ -17,16 +17,17 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from framework import EngineConfig
 from service import errors, maintenance
 from service import store as st
-from service.api_types import ForwardBackwardJsonRequest
-from service.bridge import Bridge
+from service.bridge import BadInput, Bridge
 from service.config import ServerConfig
 from service.futures import FutureRegistry
 from service.metrics import Metrics
 from service.middleware import RequestMiddleware
 from service.ordering import SeqQueues
 from service.routes import ROUTERS
+from service.routes.common import OPENAPI_MODELS
 from service.state import ServerState, first_seq
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ def build_state(config: ServerConfig, metrics: Metrics) -> ServerState:
     if failed:
         log.warning("failed %d futures left pending by a previous run", failed)
     config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    bridge = Bridge(config.base_models, home=config.checkpoint_dir.absolute(), engine_config=config.engine)
+    bridge = Bridge(config.base_models, home=config.checkpoint_dir.absolute(),
+                    engine_config=config.engine or EngineConfig())
 
     def on_done(entry: Any) -> None:
         if entry.finished is not None:
@@ -76,6 +78,11 @@ def create_app(config: ServerConfig) -> FastAPI:
     app = FastAPI(title="tinker-jax", version="0.1.0", lifespan=lifespan,
                   description="A self-hosted server for the tinker SDK's training and sampling API.")
     errors.install(app)
+
+    @app.exception_handler(BadInput)
+    async def _bad_input(request: Any, error: BadInput) -> Any:
+        return errors.error_response(400, error.message)
+
     for router in ROUTERS:
         app.include_router(router)
     app.add_middleware(RequestMiddleware, metrics=metrics, max_body=config.max_body_bytes)
@@ -84,12 +91,14 @@ def create_app(config: ServerConfig) -> FastAPI:
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema, plus the JSON forward/backward body's models (that route parses its body itself,
-    as protobuf or JSON, so FastAPI does not see them)."""
+    """FastAPI's schema, plus the body models of the routes that parse their bodies themselves (the
+    numbered training requests, and forward/backward's protobuf-or-JSON body)."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        extra = ForwardBackwardJsonRequest.model_json_schema(ref_template="#/components/schemas/{model}")
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        components.update(extra.pop("$defs", {}))
+        for model in OPENAPI_MODELS:
+            extra = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(extra.pop("$defs", {}))
+            components[model.__name__] = extra
         app.openapi_schema = schema
     return app.openapi_schema

@@ -78,6 +78,7 @@ def parse_base_model(spec: str) -> tuple[str, str]:
 class Bridge:
     def __init__(self, base_models: list[str], *, home: Path, engine_config: EngineConfig, threads: int = 32):
         self.service = ServiceClient(engine_config=engine_config, home=home)
+        self.engine_config = engine_config
         self.home = home
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bridge")
         self._specs = [parse_base_model(s) for s in base_models]

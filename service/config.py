@@ -1,11 +1,15 @@
-"""The server's settings: what `python -m service` parses, with the defaults a first user needs."""
+"""The server's settings: what `python -m service` parses, with the defaults a first user needs.
+
+Importing this module must stay cheap (no JAX): `python -m service keys` reads its defaults."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from framework import EngineConfig
+if TYPE_CHECKING:  # the `keys` command must not pay for importing JAX
+    from framework import EngineConfig
 
 WIRE_SDK = "0.38"  # the tinker SDK minor version whose wire this server speaks
 
@@ -17,7 +21,7 @@ class ServerConfig:
     checkpoint_dir: Path = Path("tinker-jax-checkpoints")
     host: str = "127.0.0.1"
     port: int = 8000
-    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    engine: EngineConfig | None = None  # None: the framework's defaults
     poll_hold_s: float = 25.0  # how long a retrieve_future poll is held before answering try_again
     seq_gap_timeout_s: float = 120.0  # how long requests wait for a missing lower seq_id
     max_body_bytes: int = 64 << 20

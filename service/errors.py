@@ -29,6 +29,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.message = message
         self.errors = errors
+        self.numbered: tuple[str, int] | None = None  # (model_id, seq_id) of a refused numbered request
         if status is not None:
             self.status = status
 

@@ -14,10 +14,11 @@ tie them together.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 from framework import types
 from service import store as st
@@ -138,9 +139,35 @@ class ServerState:
             self.futures.forget_sampler(sampler.id)
 
     # --------------------------------------------------------------------------- ordered requests
+    @contextlib.contextmanager
+    def numbered(self, model: st.ModelRow, seq_id: int | None) -> Iterator[None]:
+        """Around the checks of an ordered request: if it is refused (4xx), its seq_id still counts
+        as used, since the SDK has moved on to the next one; without this the refusal would leave a
+        gap that holds back every later request of the model."""
+        try:
+            yield
+        except ApiError:
+            self.skip(model.id, seq_id)
+            raise
+        except BadInput as error:
+            self.skip(model.id, seq_id)
+            raise BadRequest(error.message) from None
+
+    def skip(self, model_id: str, seq_id: int | None) -> None:
+        if seq_id is None or self.store.future_for_seq(model_id=model_id, seq_id=seq_id) is not None:
+            return
+        try:
+            self.queues.assign(model_id, seq_id)
+        except ApiError:
+            return
+        self.queues.submit(model_id, seq_id, _nothing, lambda message: None)
+
     def enqueue(self, owner: str, kind: str, model: st.ModelRow, seq_id: int | None, start: Start) -> Entry:
         if seq_id is not None:
             existing = self.store.future_for_seq(model_id=model.id, seq_id=seq_id)
+            if existing is not None and existing.kind != kind:
+                raise BadRequest(f"seq_id: {seq_id} was already used for a {existing.kind} request of model "
+                                 f"{model.id}; seq_ids must strictly increase")
             if existing is not None:
                 entry = self.futures.get(existing.id, owner)
                 if entry is None:
@@ -167,3 +194,7 @@ def first_seq(store: st.Store, model_id: str) -> int:
     creation is seq_id 0), so after a restart the requests a client numbers on from there run."""
     top = store.max_seq(model_id)
     return 1 if top is None else top + 1
+
+
+async def _nothing() -> None:
+    """The start of a refused request: its seq_id passes without work."""

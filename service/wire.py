@@ -99,17 +99,23 @@ def decode_forward_backward(body: bytes) -> ForwardBackwardCall:
         raise BadRequest(f"body: not a tinker_public.ForwardBackwardRequest protobuf ({error})") from None
     if not msg.model_id:
         raise BadRequest("model_id: missing")
-    data = []
-    for i, datum in enumerate(msg.data):
-        field = f"data[{i}]"
-        model_input = _model_input(datum.model_input, f"{field}.model_input")
-        inputs = {key: _tensor(t, f"{field}.loss_fn_inputs[{key!r}]") for key, t in datum.loss_fn_inputs.items()}
-        try:
-            data.append(types.Datum(model_input=model_input, loss_fn_inputs=inputs))
-        except ValidationError as error:
-            raise from_validation_error(error, field) from None
+    try:
+        data = [_datum(datum, f"data[{i}]") for i, datum in enumerate(msg.data)]
+        config = _loss_config(msg)
+    except BadRequest as error:
+        error.numbered = (msg.model_id, msg.seq_id)  # the request is known: its seq_id counts as used
+        raise
     return ForwardBackwardCall(model_id=msg.model_id, seq_id=msg.seq_id or None, forward_only=msg.forward_only,
-                               loss_fn=msg.loss_fn, loss_fn_config=_loss_config(msg), data=data)
+                               loss_fn=msg.loss_fn, loss_fn_config=config, data=data)
+
+
+def _datum(datum: Any, field: str) -> types.Datum:
+    model_input = _model_input(datum.model_input, f"{field}.model_input")
+    inputs = {key: _tensor(t, f"{field}.loss_fn_inputs[{key!r}]") for key, t in datum.loss_fn_inputs.items()}
+    try:
+        return types.Datum(model_input=model_input, loss_fn_inputs=inputs)
+    except ValidationError as error:
+        raise from_validation_error(error, field) from None
 
 
 def encode_forward_backward(call: ForwardBackwardCall) -> bytes:

@@ -90,3 +90,16 @@ def checkpoint_copy(tiny_checkpoint, tmp_path) -> Callable[[str], Path]:
         return Path(shutil.copytree(tiny_checkpoint(name), tmp_path / name))
 
     return copy
+
+
+@pytest.fixture(scope="session")
+def service_server(request, tmp_path_factory):
+    """One real `python -m service` server (embedded tiny model, 20 adapter slots) shared by the service
+    tests; each test makes its own API keys, so tests are isolated like separate users."""
+    from service_utils import EMBEDDED, Server
+
+    cache = request.config.cache
+    xla = Path(cache.mkdir("service_xla_cache")) if cache is not None else None
+    server = Server(tmp_path_factory.mktemp("service"), [str(EMBEDDED)], xla_cache=xla).start()
+    yield server
+    server.stop()

@@ -82,9 +82,9 @@ async def create_model(req: CreateModelRequest, owner: Owner, state: State) -> U
     lora = req.lora_config
     if lora.seed is not None and not 0 <= lora.seed < MAX_SEED:
         raise BadRequest(f"lora_config.seed: must be in [0, 2^63), got {lora.seed}")
-    if lora.rank > state.config.engine.max_rank:
-        raise BadRequest(f"lora_config.rank: {lora.rank} is above this server's max_rank "
-                         f"{state.config.engine.max_rank}")
+    max_rank = state.bridge.engine_config.max_rank
+    if lora.rank > max_rank:
+        raise BadRequest(f"lora_config.rank: {lora.rank} is above this server's max_rank {max_rank}")
     seed = lora.seed if lora.seed is not None else int.from_bytes(os.urandom(4), "little")
     lora = lora.model_copy(update={"seed": seed})
     now = st.utcnow()

@@ -16,43 +16,51 @@ from framework.losses import LOSSES
 from service import wire
 from service.api_types import ForwardBackwardJsonRequest, OptimStepRequest, UntypedAPIFuture
 from service.auth import Owner
+from service.bridge import BadInput
 from service.errors import BadRequest, UnsupportedMediaType
 from service.futures import Entry, Payload
-from service.routes.common import State, json_payload, parse_json, queued
+from service.routes.common import State, json_body, json_payload, parse_ordered, queued, skip_numbered
+from service.state import ServerState
 
 router = APIRouter(prefix="/api/v1")
 
 PROTOBUF = "application/x-protobuf"
-_PROTO_BODY = {"requestBody": {"required": True, "content": {
-    PROTOBUF: {"schema": {"type": "string", "format": "binary"}},
-    "application/json": {"schema": ForwardBackwardJsonRequest.model_json_schema(
-        ref_template="#/components/schemas/{model}")}}}}
 
 
-async def _decode(request: Request) -> wire.ForwardBackwardCall:
+async def _decode(request: Request, state: ServerState, owner: str) -> wire.ForwardBackwardCall:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await request.body()
     if content_type == PROTOBUF:
-        return wire.decode_forward_backward(body)
+        try:
+            return wire.decode_forward_backward(body)
+        except BadRequest as error:
+            if error.numbered is not None:
+                skip_numbered(state, owner, *error.numbered)
+            raise
     if content_type in ("application/json", ""):
-        req = await parse_json(request, ForwardBackwardJsonRequest)
+        req = await parse_ordered(request, ForwardBackwardJsonRequest, state, owner)
         fb = req.forward_backward_input
         return wire.ForwardBackwardCall(model_id=req.model_id, seq_id=req.seq_id, forward_only=req.type == "forward",
                                         loss_fn=fb.loss_fn, loss_fn_config=fb.loss_fn_config, data=fb.data)
     raise UnsupportedMediaType(f"Content-Type {content_type!r}: send {PROTOBUF} (or application/json)")
 
 
-@router.post("/forward_backward", openapi_extra=_PROTO_BODY)
+@router.post("/forward_backward", openapi_extra=json_body(
+    ForwardBackwardJsonRequest, **{PROTOBUF: {"schema": {"type": "string", "format": "binary"}}}))
 async def forward_backward(request: Request, owner: Owner, state: State) -> UntypedAPIFuture:
-    call = await _decode(request)
+    call = await _decode(request, state, owner)
     model = state.model(owner, call.model_id)
-    if call.loss_fn not in LOSSES:
-        raise BadRequest(f"loss_fn: {call.loss_fn!r} is not implemented here; the losses are "
-                         f"{', '.join(sorted(LOSSES))} (and forward_backward_custom, run client-side)")
-    if not call.data:
-        raise BadRequest("data: empty; forward_backward needs at least one Datum")
-    await state.ensure_trainer(model)
-    state.bridge.check_forward(model.id, call.data, call.loss_fn, call.loss_fn_config)
+    with state.numbered(model, call.seq_id):
+        if call.loss_fn not in LOSSES:
+            raise BadRequest(f"loss_fn: {call.loss_fn!r} is not implemented here; the losses are "
+                             f"{', '.join(sorted(LOSSES))} (and forward_backward_custom, run client-side)")
+        if not call.data:
+            raise BadRequest("data: empty; forward_backward needs at least one Datum")
+        await state.ensure_trainer(model)
+        try:
+            state.bridge.check_forward(model.id, call.data, call.loss_fn, call.loss_fn_config)
+        except BadInput as error:
+            raise BadRequest(error.message) from None
     kind = "forward" if call.forward_only else "forward_backward"
 
     async def start(entry: Entry) -> None:
@@ -69,13 +77,15 @@ async def forward_backward(request: Request, owner: Owner, state: State) -> Unty
     return queued(state.enqueue(owner, kind, model, call.seq_id, start), model_id=model.id)
 
 
-@router.post("/optim_step")
-async def optim_step(req: OptimStepRequest, owner: Owner, state: State) -> UntypedAPIFuture:
+@router.post("/optim_step", openapi_extra=json_body(OptimStepRequest))
+async def optim_step(request: Request, owner: Owner, state: State) -> UntypedAPIFuture:
+    req = await parse_ordered(request, OptimStepRequest, state, owner)
     model = state.model(owner, req.model_id)
-    if req.optimizer_params is not None:
-        raise BadRequest("optimizer_params: only AdamW is supported here; send adam_params")
-    if req.adam_params is not None and req.optim_params is not None:
-        raise BadRequest("adam_params: send adam_params or optim_params, not both")
+    with state.numbered(model, req.seq_id):
+        if req.optimizer_params is not None:
+            raise BadRequest("optimizer_params: only AdamW is supported here; send adam_params")
+        if req.adam_params is not None and req.optim_params is not None:
+            raise BadRequest("adam_params: send adam_params or optim_params, not both")
     adam = req.adam_params or req.optim_params or types.AdamParams()
 
     async def start(entry: Entry) -> None:

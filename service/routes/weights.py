@@ -19,14 +19,14 @@ import datetime as dt
 import os
 from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from service import store as st
 from service.api_types import LoadWeightsRequest, SaveWeightsForSamplerRequest, SaveWeightsRequest, UntypedAPIFuture
 from service.auth import Owner
 from service.errors import BadRequest
 from service.futures import Entry, Payload
-from service.routes.common import State, json_payload, queued
+from service.routes.common import State, json_body, json_payload, parse_ordered, queued
 from service.routes.models import create_from_checkpoint
 from service.state import ServerState
 
@@ -66,11 +66,13 @@ def _check_new(state: ServerState, model: st.ModelRow, segment: str, name: str, 
         raise BadRequest(f"path: checkpoint {tinker_path!r} already exists; pass overwrite=True to replace it")
 
 
-@router.post("/save_weights")
-async def save_weights(req: SaveWeightsRequest, owner: Owner, state: State) -> UntypedAPIFuture:
+@router.post("/save_weights", openapi_extra=json_body(SaveWeightsRequest))
+async def save_weights(request: Request, owner: Owner, state: State) -> UntypedAPIFuture:
+    req = await parse_ordered(request, SaveWeightsRequest, state, owner)
     model = state.model(owner, req.model_id)
     name = req.path or f"seq-{req.seq_id or 0:06d}"
-    _check_new(state, model, "weights", name, req.overwrite)
+    with state.numbered(model, req.seq_id):
+        _check_new(state, model, "weights", name, req.overwrite)
 
     async def start(entry: Entry) -> None:
         api = state.bridge.save_state(model.id, name, True)
@@ -85,17 +87,18 @@ async def save_weights(req: SaveWeightsRequest, owner: Owner, state: State) -> U
     return queued(state.enqueue(owner, "save_weights", model, req.seq_id, start), model_id=model.id)
 
 
-@router.post("/save_weights_for_sampler")
-async def save_weights_for_sampler(req: SaveWeightsForSamplerRequest, owner: Owner, state: State) -> UntypedAPIFuture:
+@router.post("/save_weights_for_sampler", openapi_extra=json_body(SaveWeightsForSamplerRequest))
+async def save_weights_for_sampler(request: Request, owner: Owner, state: State) -> UntypedAPIFuture:
+    req = await parse_ordered(request, SaveWeightsForSamplerRequest, state, owner)
     model = state.model(owner, req.model_id)
-    if req.path is not None and req.sampling_session_seq_id is not None:
-        raise BadRequest("path: give a name (a saved checkpoint) or sampling_session_seq_id (an in-memory "
-                         "sampler), not both")
-    if req.path is None and req.sampling_session_seq_id is None:
-        raise BadRequest("path: required (or sampling_session_seq_id for an in-memory sampler)")
+    with state.numbered(model, req.seq_id):
+        if req.path is not None and req.sampling_session_seq_id is not None:
+            raise BadRequest("path: give a name (a saved checkpoint) or sampling_session_seq_id (an in-memory "
+                             "sampler), not both")
+        if req.path is None and req.sampling_session_seq_id is None:
+            raise BadRequest("path: required (or sampling_session_seq_id for an in-memory sampler)")
     if req.path is not None:
         name = req.path
-        _check_new(state, model, "sampler_weights", name, overwrite=True)
 
         async def start(entry: Entry) -> None:
             api = state.bridge.save_sampler_weights(model.id, name)
@@ -111,8 +114,9 @@ async def save_weights_for_sampler(req: SaveWeightsForSamplerRequest, owner: Own
 
     sampler_id = f"{model.session_id}:sample:{req.sampling_session_seq_id}"
     retry = req.seq_id is not None and state.store.future_for_seq(model_id=model.id, seq_id=req.seq_id) is not None
-    if not retry and state.store.get(st.SamplerRow, sampler_id) is not None:
-        raise BadRequest(f"sampling_session_seq_id: sampling session {sampler_id!r} already exists")
+    with state.numbered(model, req.seq_id):
+        if not retry and state.store.get(st.SamplerRow, sampler_id) is not None:
+            raise BadRequest(f"sampling_session_seq_id: sampling session {sampler_id!r} already exists")
 
     async def start_snapshot(entry: Entry) -> None:
         async def work() -> Payload:
@@ -130,8 +134,9 @@ async def save_weights_for_sampler(req: SaveWeightsForSamplerRequest, owner: Own
                   model_id=model.id)
 
 
-@router.post("/load_weights")
-async def load_weights(req: LoadWeightsRequest, owner: Owner, state: State) -> UntypedAPIFuture:
+@router.post("/load_weights", openapi_extra=json_body(LoadWeightsRequest))
+async def load_weights(request: Request, owner: Owner, state: State) -> UntypedAPIFuture:
+    req = await parse_ordered(request, LoadWeightsRequest, state, owner)
     if req.session_id is not None:
         if req.model_id is not None:
             raise BadRequest("model_id: give model_id + seq_id (load into a model) or session_id + model_seq_id "
@@ -140,12 +145,13 @@ async def load_weights(req: LoadWeightsRequest, owner: Owner, state: State) -> U
     if req.model_id is None:
         raise BadRequest("model_id: required (or session_id + model_seq_id to create a model from the checkpoint)")
     model = state.model(owner, req.model_id)
-    checkpoint = state.checkpoint(owner, req.path, kind="training")
-    meta = await state.bridge.blocking(state.bridge.read_checkpoint, checkpoint.disk_path)
-    if (meta.rank, meta.train_mlp, meta.train_attn, meta.train_unembed) != (
-            model.lora_rank, model.train_mlp, model.train_attn, model.train_unembed):
-        raise BadRequest(f"path: checkpoint {req.path!r} is a rank-{meta.rank} adapter over other layers than model "
-                         f"{model.id!r} (rank {model.lora_rank}); create a new model from it instead")
+    with state.numbered(model, req.seq_id):
+        checkpoint = state.checkpoint(owner, req.path, kind="training")
+        meta = await state.bridge.blocking(state.bridge.read_checkpoint, checkpoint.disk_path)
+        if (meta.rank, meta.train_mlp, meta.train_attn, meta.train_unembed) != (
+                model.lora_rank, model.train_mlp, model.train_attn, model.train_unembed):
+            raise BadRequest(f"path: checkpoint {req.path!r} is a rank-{meta.rank} adapter over other layers than "
+                             f"model {model.id!r} (rank {model.lora_rank}); create a new model from it instead")
 
     async def start(entry: Entry) -> None:
         api = state.bridge.load_state(model.id, checkpoint.disk_path, req.optimizer)
