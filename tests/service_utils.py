@@ -61,6 +61,7 @@ class Server:
         if self.xla_cache is not None:
             env["JAX_COMPILATION_CACHE_DIR"] = str(self.xla_cache)
             env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+            env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
         log = open(self.log_path, "a")  # noqa: SIM115 (kept open for the process's life)
         self.process = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         return self.ready()
@@ -106,3 +107,24 @@ class Server:
     def post(self, path: str, key: str | None = None, json=None, **kwargs) -> httpx.Response:
         headers = {"X-API-Key": key, **kwargs.pop("headers", {})} if key else kwargs.pop("headers", {})
         return httpx.post(self.url + path, headers=headers, json=json, timeout=60, **kwargs)
+
+
+def share_compilation_cache(directory: Path | None):
+    """Point this process's JAX at the server's persistent compilation cache: an in-process reference
+    client compiles the same programs as the server, so it reuses them instead of compiling twice.
+    Returns a function restoring the previous settings."""
+    import jax
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {name: getattr(jax.config, name) for name in names}
+    if directory is not None:
+        jax.config.update("jax_compilation_cache_dir", str(directory))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+    def restore() -> None:
+        for name, value in saved.items():
+            jax.config.update(name, value)
+
+    return restore

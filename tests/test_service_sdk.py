@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 import tinker
-from service_utils import EMBEDDED
+from service_utils import EMBEDDED, share_compilation_cache
 from tinker import types as sdk_types
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
@@ -71,10 +71,14 @@ def rest(service_server, key):
 
 
 @pytest.fixture(scope="module")
-def local(tmp_path_factory):
-    config = EngineConfig(max_adapters=4, max_rank=8, sampler_slots=8, max_seq_len=128, dtype="float32")
+def local(tmp_path_factory, service_server):
+    """The in-process reference: the server's engine settings (so the same programs, which it takes
+    from the server's compilation cache rather than compiling them again)."""
+    restore = share_compilation_cache(service_server.xla_cache)
+    config = EngineConfig(max_adapters=20, max_rank=8, sampler_slots=8, max_seq_len=128, dtype="float32")
     with ServiceClient(engine_config=config, home=tmp_path_factory.mktemp("local")) as service:
         yield service
+    restore()
 
 
 @pytest.fixture(scope="module")
