@@ -161,6 +161,14 @@ class SampleRequest(Envelope):
     record_stability_info: bool | None = None
     type: Literal["sample"] = "sample"
 
+    @field_validator("prompt")
+    @classmethod
+    def _token_range(cls, prompt: types.ModelInput) -> types.ModelInput:
+        for j, chunk in enumerate(prompt.chunks):
+            if chunk.tokens and max(chunk.tokens) >= 2**31:
+                raise ValueError(f"chunks[{j}].tokens holds {max(chunk.tokens)}, far outside any vocabulary")
+        return prompt
+
     @field_validator("sampling_params")
     @classmethod
     def _bounded(cls, params: types.SamplingParams) -> types.SamplingParams:

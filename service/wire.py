@@ -76,7 +76,10 @@ def _model_input(chunks: Any, field: str) -> types.ModelInput:
             raise BadRequest(f"{field}[{j}]: {kind or 'empty'} chunks are not supported; this server serves "
                              "text models (encoded_text chunks only)")
         tokens = _frombuffer(chunk.encoded_text.tokens, np.int32, f"{field}[{j}].tokens")
-        out.append(types.EncodedTextChunk(tokens=tokens.tolist()))
+        try:
+            out.append(types.EncodedTextChunk(tokens=tokens.tolist()))
+        except ValidationError as error:
+            raise from_validation_error(error, f"{field}[{j}]") from None
     return types.ModelInput(chunks=out)
 
 

@@ -98,7 +98,7 @@ def service_server(request, tmp_path_factory):
     tests; each test makes its own API keys, so tests are isolated like separate users."""
     from service_utils import EMBEDDED, Server
 
-    cache = request.config.cache
+    cache = getattr(request.config, "cache", None)
     xla = Path(cache.mkdir("service_xla_cache")) if cache is not None else None
     server = Server(tmp_path_factory.mktemp("service"), [str(EMBEDDED)], xla_cache=xla).start()
     yield server

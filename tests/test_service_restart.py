@@ -42,7 +42,7 @@ def train(client, steps) -> list[float]:
 
 @pytest.fixture
 def server(tmp_path, request):
-    cache = request.config.cache
+    cache = getattr(request.config, "cache", None)
     xla = Path(cache.mkdir("service_xla_cache")) if cache is not None else None
     server = Server(tmp_path, [BASE], xla_cache=xla).start()
     yield server

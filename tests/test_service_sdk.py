@@ -99,7 +99,7 @@ def trained(sdk, local):
 
 
 def test_training_equals_in_process(trained):
-    remote, mine, remote_out, mine_out = trained
+    remote, _, remote_out, mine_out = trained
     info = remote.get_info()
     assert info.model_id.endswith(":train:0") and info.lora_rank == RANK and info.model_data.model_name == BASE
     assert info.model_data.tokenizer_id == BASE and info.model_data.arch == "qwen3"
@@ -236,9 +236,9 @@ def test_ordering_by_seq_id(service_server, key, sdk):
 
 def test_refusals_name_the_problem(service_server, key, sdk, trained):
     remote = trained[0]
-    with pytest.raises(Exception, match="stable_reinforce.*not implemented.*cross_entropy"):
+    with pytest.raises(Exception, match=r"stable_reinforce.*not implemented.*cross_entropy"):
         remote.forward_backward(sdk_datums(batch(1)), "stable_reinforce").result()
-    with pytest.raises(tinker.BadRequestError, match="base_model.*not served"):
+    with pytest.raises(tinker.BadRequestError, match=r"base_model.*not served"):
         sdk.create_lora_training_client(base_model="Qwen/Qwen3-8B", rank=4).result()
     with pytest.raises(tinker.BadRequestError, match="max_rank"):
         sdk.create_lora_training_client(base_model=BASE, rank=64).result()
