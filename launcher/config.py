@@ -62,9 +62,10 @@ class OptimConfig:
 
 @dataclass
 class ClientConfig:
-    kind: str = "local"  # local: in-process engine | remote: a tinker-jax server (not wired yet)
+    kind: str = "local"  # local: in-process engine | remote: a tinker-jax server (framework.remote)
     base_url: str | None = None
-    api_key: str | None = None
+    api_key: str | None = None  # remote: None reads $TINKER_API_KEY
+    base_model: str | None = None  # remote: the name the server serves model.path under (default: model.path)
     # Engine bank sizes (local only).
     max_adapters: int = 4
     max_rank: int = 32

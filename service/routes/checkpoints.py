@@ -8,11 +8,16 @@ and `get_training_run(..., access_scope="accessible")` for its run).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import os
 import shutil
+import tarfile
+import tempfile
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, BackgroundTasks, Query
+from fastapi.responses import FileResponse
 
 from framework import types
 from service import store as st
@@ -114,6 +119,24 @@ async def set_ttl(run_id: str, segment: Segment, name: str, req: TtlRequest, own
     expires = st.utcnow() + dt.timedelta(seconds=req.ttl_seconds) if req.ttl_seconds else None
     state.store.update(st.CheckpointRow, row.tinker_path, expires_at=expires)
     return {"expires_at": expires.isoformat() if expires else None}
+
+
+@router.get("/training_runs/{run_id}/checkpoints/{segment}/{name}/archive", response_class=FileResponse)
+async def archive(run_id: str, segment: Segment, name: str, owner: Owner, state: State) -> FileResponse:
+    """The checkpoint's files as a .tar.gz (our extension: how `framework.remote` fetches a trained
+    adapter); the owner's, or a published one."""
+    row = state.checkpoint(owner, f"tinker://{run_id}/{segment}/{name}")
+    path = await asyncio.get_running_loop().run_in_executor(state.bridge.pool, _tar, row.disk_path)
+    cleanup = BackgroundTasks()
+    cleanup.add_task(os.unlink, path)
+    return FileResponse(path, media_type="application/gzip", filename=f"{name}.tar.gz", background=cleanup)
+
+
+def _tar(directory: str) -> str:
+    handle, path = tempfile.mkstemp(suffix=".tar.gz")
+    with os.fdopen(handle, "wb") as out, tarfile.open(fileobj=out, mode="w:gz") as archive:
+        archive.add(directory, arcname=".")
+    return path
 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{segment}/{name}")
