@@ -22,7 +22,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     engine: EngineConfig | None = None  # None: the framework's defaults
-    poll_hold_s: float = 25.0  # how long a retrieve_future poll is held before answering try_again
+    poll_hold_s: float = 30.0  # how long a retrieve_future poll is held before answering try_again (SDK timeout: 45 s)
     seq_gap_timeout_s: float = 120.0  # how long requests wait for a missing lower seq_id
     max_body_bytes: int = 64 << 20
     max_pending_samples: int = 4096  # beyond this, asample answers 429 and the SDK backs off
