@@ -103,11 +103,11 @@ class Bridge:
         """Run a blocking framework call in the bridge's threads."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(guarded(fn), *args))
 
-    @staticmethod
-    async def result(future: APIFuture[T]) -> T:
-        """Await an `APIFuture` from the event loop (input errors found late become `BadInput`)."""
+    async def result(self, future: APIFuture[T]) -> T:
+        """Await an `APIFuture` from the event loop (input errors found late become `BadInput`); its
+        conversion to the client type runs in the bridge's threads, not on the loop."""
         await asyncio.wrap_future(future.future)
-        return guarded(future.result)()
+        return await self.blocking(future.result)
 
     # ---------------------------------------------------------------------------- base models
     def resolve(self, name: str) -> BaseModel | None:

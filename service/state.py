@@ -5,8 +5,9 @@ tie them together.
   (or, for reading a checkpoint, when it is published) and raise 404 otherwise.
 - Model lifetime: a model's adapter lives on the engine while its session is open. After a server
   restart the adapter is restored on first use (`ensure_trainer`) from its newest training
-  checkpoint (weights and optimizer state), else recreated from its seed; a finished session's
-  models are released and only their checkpoints remain.
+  checkpoint (weights and optimizer state), else from the checkpoint it was created from, else
+  recreated from its seed; a finished session's models are released and only their checkpoints
+  remain.
 - Ordered requests: `enqueue` answers an exact retry (same model and seq_id) with the original
   future and otherwise queues the request's start behind lower seq_ids (`service.ordering`).
 """
@@ -113,6 +114,8 @@ class ServerState:
                                  "checkpoints into a new training client")
             base = self.base_model(model.base_model)
             saved = self.store.last_checkpoint(model.id, "training")
+            if saved is None and model.source_path is not None:  # made from a checkpoint, never saved since
+                saved = self.store.get(st.CheckpointRow, model.source_path)
             if saved is not None and os.path.isdir(saved.disk_path):
                 log.warning("restoring model %s from its checkpoint %s", model.id, saved.tinker_path)
                 await self.bridge.blocking(self.bridge.create_trainer_from_state, model.id, saved.disk_path, True)

@@ -23,8 +23,8 @@ from service_utils import EMBEDDED
 from framework.tracking import read_metrics
 from launcher.run import run
 
-SETTINGS = ["max_steps=4", "save_every=2", "eval_every=3", "rl.kl_coef=0.1", "keep_checkpoints=1",
-            "logger=jsonl", "logger.progress=false"]
+SETTINGS = ["max_steps=4", "save_every=2", "eval_every=3", "keep_checkpoints=1", "logger=jsonl",
+            "logger.progress=false"]
 
 
 def test_recipe_runs_remotely_and_resumes(service_server, tmp_path):

@@ -293,3 +293,31 @@ def test_concurrent_pipelined_requests_resolve(trained):
     results = [f.result() for f in concurrent.futures.as_completed([f.future() for f in futures])]
     assert len(results) == 12 and all(len(r.sequences) == 1 for r in results)
     assert len({tuple(r.sequences[0].tokens) for r in results}) == 1  # same seed, same sample
+
+
+def test_published_checkpoints_are_readable_by_others_only(service_server, trained, rest):
+    """Another key sees none of this user's checkpoints until one is published; then it may read and
+    load that one (not delete it), and unpublishing hides it again."""
+    remote = trained[0]
+    path = remote.save_state("shared").result().path
+    other_key = service_server.key("reader")
+    other_rest = tinker.RestClient(base_url=service_server.url, api_key=other_key)
+    with pytest.raises(tinker.NotFoundError):
+        other_rest.get_weights_info_by_tinker_path(path).result()
+    rest.publish_checkpoint_from_tinker_path(path).result()
+    assert other_rest.get_weights_info_by_tinker_path(path).result().lora_rank == RANK
+    assert other_rest.get_training_run_by_tinker_path(path, access_scope="accessible").result().model_owner == \
+        "sdk-user"
+    other = tinker.ServiceClient(base_url=service_server.url, api_key=other_key)
+    copy = other.create_training_client_from_state(path).result()
+    rows = batch(1, offset=50)
+    mine = remote.forward(sdk_datums(rows), "cross_entropy").result()
+    theirs = copy.forward(sdk_datums(rows), "cross_entropy").result()
+    np.testing.assert_allclose(logprobs(theirs)[0], logprobs(mine)[0], **TOL)
+    with pytest.raises(tinker.NotFoundError):
+        other_rest.delete_checkpoint_from_tinker_path(path).result()
+    assert path in {c.tinker_path for c in rest.list_checkpoints(remote.model_id).result().checkpoints}
+    rest.unpublish_checkpoint_from_tinker_path(path).result()
+    with pytest.raises(tinker.NotFoundError):
+        other_rest.get_weights_info_by_tinker_path(path).result()
+    other.close("success").result()
