@@ -100,6 +100,9 @@ def service_server(request, tmp_path_factory):
 
     cache = getattr(request.config, "cache", None)
     xla = Path(cache.mkdir("service_xla_cache")) if cache is not None else None
-    server = Server(tmp_path_factory.mktemp("service"), [str(EMBEDDED)], xla_cache=xla).start()
+    # The SDK polls this server's samples through /retrieve_futures (the restart test's server keeps the
+    # default, one retrieve_future poll per sample), so both paths run under the real SDK.
+    server = Server(tmp_path_factory.mktemp("service"), [str(EMBEDDED)], "--sample-use-retrieve-futures",
+                    xla_cache=xla).start()
     yield server
     server.stop()

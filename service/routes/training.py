@@ -9,6 +9,8 @@ with metric keys `name:reduction` (always `loss:sum`), which the SDK needs to co
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 
 from framework import types
@@ -16,7 +18,6 @@ from framework.losses import LOSSES
 from service import wire
 from service.api_types import ForwardBackwardJsonRequest, OptimStepRequest, UntypedAPIFuture
 from service.auth import Owner
-from service.bridge import BadInput
 from service.errors import BadRequest, UnsupportedMediaType
 from service.futures import Entry, Payload
 from service.routes.common import State, json_body, json_payload, parse_ordered, queued, skip_numbered
@@ -31,8 +32,9 @@ async def _decode(request: Request, state: ServerState, owner: str) -> wire.Forw
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await request.body()
     if content_type == PROTOBUF:
-        try:
-            return wire.decode_forward_backward(body)
+        try:  # decoding a large batch takes a while: off the event loop
+            return await asyncio.get_running_loop().run_in_executor(state.bridge.pool, wire.decode_forward_backward,
+                                                                    body)
         except BadRequest as error:
             if error.numbered is not None:
                 skip_numbered(state, owner, *error.numbered)
@@ -57,10 +59,8 @@ async def forward_backward(request: Request, owner: Owner, state: State) -> Unty
         if not call.data:
             raise BadRequest("data: empty; forward_backward needs at least one Datum")
         await state.ensure_trainer(model)
-        try:
-            state.bridge.check_forward(model.id, call.data, call.loss_fn, call.loss_fn_config)
-        except BadInput as error:
-            raise BadRequest(error.message) from None
+        await state.bridge.blocking(state.bridge.check_forward, model.id, call.data, call.loss_fn,
+                                    call.loss_fn_config)
     kind = "forward" if call.forward_only else "forward_backward"
 
     async def start(entry: Entry) -> None:
