@@ -42,6 +42,10 @@ def _serve_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-gap-timeout", type=float, default=ServerConfig.seq_gap_timeout_s)
     s.add_argument("--max-body-mb", type=float, default=ServerConfig.max_body_bytes / (1 << 20))
     s.add_argument("--max-pending-samples", type=int, default=ServerConfig.max_pending_samples)
+    s.add_argument("--session-timeout", type=float, default=ServerConfig.session_timeout_s,
+                   help="seconds without a heartbeat after which a session is finished and its adapters freed")
+    s.add_argument("--maintenance-every", type=float, default=ServerConfig.maintenance_every_s,
+                   help="seconds between housekeeping passes (expiries, purges)")
     s.add_argument("--compress-fwdbwd", action="store_true", help="ask the SDK to zstd forward/backward bodies")
     s.add_argument("--sample-use-retrieve-futures", action="store_true",
                    help="ask the SDK to poll samples through /retrieve_futures")
@@ -69,6 +73,7 @@ def serve(argv: list[str]) -> None:
                           host=args.host, port=args.port, engine=engine, poll_hold_s=args.poll_hold,
                           seq_gap_timeout_s=args.seq_gap_timeout, max_body_bytes=int(args.max_body_mb * (1 << 20)),
                           max_pending_samples=args.max_pending_samples, compress_fwdbwd=args.compress_fwdbwd,
+                          session_timeout_s=args.session_timeout, maintenance_every_s=args.maintenance_every,
                           sample_use_retrieve_futures=args.sample_use_retrieve_futures,
                           log_level=args.log_level, log_format=args.log_format)
     setup_logging(config.log_level, config.log_format)

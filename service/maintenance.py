@@ -2,7 +2,10 @@
 
 - finished futures leave memory after `future_keep_s` and the database after `future_ttl_s`;
 - checkpoints past their TTL are deleted (record, then files);
-- requests stuck behind a seq_id that never came are failed (`service.ordering`).
+- requests stuck behind a seq_id that never came are failed (`service.ordering`);
+- a session silent for `session_timeout_s` (the SDK heartbeats every 10 s, and warns its user after
+  2 minutes without one that the session will be terminated) is finished as "expired": its adapters
+  and samplers are freed, its checkpoints stay.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from service.state import ServerState
 log = logging.getLogger(__name__)
 
 
-def tick(state: ServerState) -> dict[str, int]:
+async def tick(state: ServerState) -> dict[str, int]:
     now = st.utcnow()
     done = {
         "evicted": state.futures.evict(),
@@ -29,6 +32,12 @@ def tick(state: ServerState) -> dict[str, int]:
     for row in state.store.expired_checkpoints(now):
         delete_files(state, row)
         done["expired_checkpoints"] += 1
+    stale = state.store.stale_sessions(now - dt.timedelta(seconds=state.config.session_timeout_s))
+    for session in stale:
+        state.store.update(st.SessionRow, session.id, finished_at=now, finish_reason="expired")
+        state.metrics.sessions_active.dec()
+        await state.release_session(session.id)
+    done["expired_sessions"] = len(stale)
     if any(done.values()):
         log.info("maintenance", extra={"fields": done})
     return done
@@ -38,6 +47,6 @@ async def run_forever(state: ServerState) -> None:
     while True:
         await asyncio.sleep(state.config.maintenance_every_s)
         try:
-            tick(state)
+            await tick(state)
         except Exception:
             log.exception("maintenance failed")

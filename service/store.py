@@ -230,6 +230,12 @@ class Store:
             rows = list(s.scalars(q.order_by(SessionRow.created_at.desc()).limit(limit).offset(offset)))
             return rows, total
 
+    def stale_sessions(self, before: dt.datetime) -> list[SessionRow]:
+        """Open sessions whose last heartbeat is older than `before`."""
+        with self.tx() as s:
+            return list(s.scalars(sa.select(SessionRow).where(SessionRow.finished_at.is_(None),
+                                                             SessionRow.last_heartbeat_at < before)))
+
     def children_of_session(self, session_id: str) -> tuple[list[ModelRow], list[SamplerRow]]:
         with self.tx() as s:
             models = list(s.scalars(sa.select(ModelRow).where(ModelRow.session_id == session_id)))

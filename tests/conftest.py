@@ -103,6 +103,6 @@ def service_server(request, tmp_path_factory):
     # The SDK polls this server's samples through /retrieve_futures (the restart test's server keeps the
     # default, one retrieve_future poll per sample), so both paths run under the real SDK.
     server = Server(tmp_path_factory.mktemp("service"), [str(EMBEDDED)], "--sample-use-retrieve-futures",
-                    xla_cache=xla).start()
+                    "--maintenance-every", "1", xla_cache=xla).start()
     yield server
     server.stop()

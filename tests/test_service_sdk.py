@@ -9,6 +9,8 @@ shapes (1-2 datums of ≤ 32 tokens, 4-token prompts) so each side compiles litt
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
+import time
 
 import httpx
 import numpy as np
@@ -321,3 +323,32 @@ def test_published_checkpoints_are_readable_by_others_only(service_server, train
     with pytest.raises(tinker.NotFoundError):
         other_rest.get_weights_info_by_tinker_path(path).result()
     other.close("success").result()
+
+
+def test_a_silent_session_expires(service_server):
+    """A session whose heartbeats stopped (its client died) is finished by the server's housekeeping:
+    its adapter is freed, later requests on its model are refused, its heartbeat gets 410, and its
+    checkpoints stay."""
+    from service import store as st
+
+    key = service_server.key("silent")
+    client = tinker.ServiceClient(base_url=service_server.url, api_key=key)
+    model = client.create_lora_training_client(base_model=BASE, rank=2, seed=0).result()
+    saved = model.save_state("kept").result().path
+    session_id = client.holder.get_session_id()
+    store = st.Store(service_server.db_url)
+    long_ago = st.utcnow() - datetime.timedelta(days=1)
+    store.update(st.SessionRow, session_id, last_heartbeat_at=long_ago)
+    deadline = time.monotonic() + 120
+    while store.get(st.SessionRow, session_id).finished_at is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert store.get(st.SessionRow, session_id).finish_reason == "expired"
+    assert store.get(st.ModelRow, model.model_id).released_at is not None
+    store.close()
+    beat = service_server.post("/api/v1/session_heartbeat", key, json={"session_id": session_id})
+    assert beat.status_code == 410
+    with pytest.raises(Exception, match="released"):
+        model.forward(sdk_datums(batch(1)), "cross_entropy").result()
+    rest = tinker.RestClient(base_url=service_server.url, api_key=key)
+    assert rest.get_weights_info_by_tinker_path(saved).result().lora_rank == 2
+    client.close("success").result()  # finishing an expired session is harmless (the first reason stays)
