@@ -328,27 +328,30 @@ def test_published_checkpoints_are_readable_by_others_only(service_server, train
 def test_a_silent_session_expires(service_server):
     """A session whose heartbeats stopped (its client died) is finished by the server's housekeeping:
     its adapter is freed, later requests on its model are refused, its heartbeat gets 410, and its
-    checkpoints stay."""
+    checkpoints stay. (Raw HTTP: an SDK client would keep heartbeating.)"""
     from service import store as st
 
     key = service_server.key("silent")
-    client = tinker.ServiceClient(base_url=service_server.url, api_key=key)
-    model = client.create_lora_training_client(base_model=BASE, rank=2, seed=0).result()
-    saved = model.save_state("kept").result().path
-    session_id = client.holder.get_session_id()
-    store = st.Store(service_server.db_url)
-    long_ago = st.utcnow() - datetime.timedelta(days=1)
-    store.update(st.SessionRow, session_id, last_heartbeat_at=long_ago)
-    deadline = time.monotonic() + 120
-    while store.get(st.SessionRow, session_id).finished_at is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert store.get(st.SessionRow, session_id).finish_reason == "expired"
-    assert store.get(st.ModelRow, model.model_id).released_at is not None
-    store.close()
-    beat = service_server.post("/api/v1/session_heartbeat", key, json={"session_id": session_id})
-    assert beat.status_code == 410
-    with pytest.raises(Exception, match="released"):
-        model.forward(sdk_datums(batch(1)), "cross_entropy").result()
-    rest = tinker.RestClient(base_url=service_server.url, api_key=key)
-    assert rest.get_weights_info_by_tinker_path(saved).result().lora_rank == 2
-    client.close("success").result()  # finishing an expired session is harmless (the first reason stays)
+    with httpx.Client(base_url=service_server.url, headers={"X-API-Key": key}, timeout=60) as http:
+        def result(response: httpx.Response) -> dict:
+            return http.post("/api/v1/retrieve_future", json={"request_id": response.json()["request_id"]}).json()
+
+        session_id = http.post("/api/v1/create_session", json={"sdk_version": "0.38.0", "tags": []}).json()[
+            "session_id"]
+        model_id = result(http.post("/api/v1/create_model", json={
+            "session_id": session_id, "model_seq_id": 0, "base_model": BASE, "lora_config": {"rank": 2}}))["model_id"]
+        saved = result(http.post("/api/v1/save_weights", json={"model_id": model_id, "path": "kept", "seq_id": 1}))[
+            "path"]
+        store = st.Store(service_server.db_url)
+        store.update(st.SessionRow, session_id, last_heartbeat_at=st.utcnow() - datetime.timedelta(days=1))
+        deadline = time.monotonic() + 120  # housekeeping runs every second: this only bounds a hang
+        while store.get(st.ModelRow, model_id).released_at is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # the session is marked finished first, then its models are released
+        assert store.get(st.SessionRow, session_id).finish_reason == "expired"
+        assert store.get(st.ModelRow, model_id).released_at is not None
+        store.close()
+        assert http.post("/api/v1/session_heartbeat", json={"session_id": session_id}).status_code == 410
+        refused = result(http.post("/api/v1/optim_step", json={"model_id": model_id, "seq_id": 2}))
+        assert "released" in refused["error"]
+        info = http.post("/api/v1/weights_info", json={"tinker_path": saved}).json()
+        assert info["lora_rank"] == 2
