@@ -2,6 +2,8 @@
 official `tinker` SDK, over the in-process multi-adapter engine.
 
     from framework import ServiceClient, types
+
+`framework.remote.RemoteServiceClient` offers the same API against a server (`python -m service`).
 """
 
 from framework import types

@@ -65,6 +65,38 @@ class ServiceClient:
         return {engine.base_model: {**engine.metrics(), "queue": scheduler.stats()}
                 for engine, scheduler in self._runtime.engines()}
 
+    def load_base_model(self, base_model: str) -> types.SupportedModel:
+        """Load `base_model` now (weights, engine, scheduler) rather than on first use, and describe it.
+
+        A server calls this at start-up for every model it serves, so the first user does not wait
+        for the weights and a bad path fails before anyone connects.
+        """
+        engine, _ = self._runtime.get(base_model)
+        return types.SupportedModel(model_name=engine.base_model, max_context_length=engine.max_seq_len,
+                                    trainable=True, sampleable=True)
+
+    def model_info(self, base_model: str) -> types.ModelData:
+        """Architecture and tokenizer of a (loaded or loadable) base model, as `get_info` reports them."""
+        engine, _ = self._runtime.get(base_model)
+        return types.ModelData(arch=engine.model_config.model_type, model_name=base_model, tokenizer_id=base_model)
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """Flat counters of every loaded base model, for monitoring: compilations per op
+        (`compiles/<op>`), live adapters, published sampler snapshots, engine batches run and requests
+        queued, plus the numeric leaves of `engine_metrics()` as `<section>/<name>`."""
+        out: dict[str, dict[str, float]] = {}
+        for engine, scheduler in self._runtime.engines():
+            full = {**engine.metrics(), "queue": scheduler.stats()}
+            row = {f"compiles/{op}": float(n) for op, n in full.pop("compiles").items()}
+            for section, values in full.items():
+                for name, value in values.items():
+                    if isinstance(value, int | float):
+                        row[f"{section}/{name}"] = float(value)
+            row.update({"adapters": float(len(engine.adapters)), "snapshots": float(len(engine.snapshots) - 1),
+                        "batches_run": float(scheduler.batches_run), "queued": float(scheduler.queued)})
+            out[engine.base_model] = row
+        return out
+
     def create_lora_training_client(
         self, base_model: str, rank: int = 32, seed: int | None = None, train_mlp: bool = True,
         train_attn: bool = True, train_unembed: bool = True, user_metadata: dict[str, str] | None = None,

@@ -84,8 +84,11 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
+        """Requests waiting for the worker (not counting the batch it is running)."""
         with self._cond:
             return len(self._pending)
+
+    queued = queue_depth
 
     def stats(self) -> dict[str, float]:
         """Queue depth, batches and requests run, errors delivered, and the mean wait in the queue."""

@@ -25,7 +25,7 @@ import numpy as np
 
 from framework import checkpoints, types
 from framework.engine import CustomLossRequest, ForwardRequest, ForwardResult, OptimRequest, OptimResult
-from framework.futures import IO_POOL, APIFuture
+from framework.futures import IO_POOL, APIFuture, completed
 from framework.optim import AdamHyperparams, init_opt_state
 from framework.sampling_client import SamplingClient
 from framework.validation import datums_to_arrays
@@ -56,16 +56,26 @@ class TrainingClient:
 
     def release(self) -> APIFuture[None]:
         """Free the adapter (weights, optimizer state, gradients) after the requests already queued.
-        The client cannot be used afterwards; its saved checkpoints and published samplers stay."""
-        if not self._released.alive:
-            raise ValueError(f"training client {self.model_id} is already released")
-        self._released.detach()
-        return APIFuture(self._scheduler.call(lambda: self._engine.remove_adapter(self.model_id),
-                                              adapter_id=self.model_id))
+        The client refuses requests afterwards; its saved checkpoints and published samplers stay.
+        Idempotent: a second call returns a future that is already done."""
+        if self._released.detach() is None:
+            return completed(None)
+        engine, model_id = self._engine, self.model_id
+        return APIFuture(self._scheduler.call(lambda: engine.remove_adapter(model_id) if model_id in engine.adapters
+                                              else None, adapter_id=model_id))
 
     def _check_open(self) -> None:
         if not self._released.alive:
-            raise ValueError(f"training client {self.model_id} was released")
+            raise ValueError(f"training client {self.model_id} was released; create a new one")
+
+    def check_forward_inputs(self, data: Sequence[types.Datum], loss_fn: types.LossFnType,
+                             loss_fn_config: dict[str, float] | None = None) -> None:
+        """Raise the `ValueError` that `forward`/`forward_backward` would raise for this input, without
+        queueing anything: lets a caller that delays submission (a server ordering requests by
+        sequence number) refuse bad input when it arrives."""
+        self._check_open()
+        datums_to_arrays(data, loss_fn, loss_fn_config, vocab_size=self._engine.model_config.vocab_size,
+                         max_seq_len=self._engine.max_seq_len)
 
     # --------------------------------------------------------------------------- forward/backward
     def forward(self, data: Sequence[types.Datum], loss_fn: types.LossFnType,

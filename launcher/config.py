@@ -62,9 +62,10 @@ class OptimConfig:
 
 @dataclass
 class ClientConfig:
-    kind: str = "local"  # local: in-process engine | remote: a tinker-jax server (not wired yet)
+    kind: str = "local"  # local: in-process engine | remote: a tinker-jax server (framework.remote)
     base_url: str | None = None
-    api_key: str | None = None
+    api_key: str | None = None  # remote: None reads $TINKER_API_KEY
+    base_model: str | None = None  # remote: the name the server serves model.path under (default: model.path)
     # Engine sizes (local only): adapters held on the device (more page to host memory), the largest
     # LoRA rank, published snapshots in the sampler bank at once.
     max_adapters: int = 4

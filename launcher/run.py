@@ -50,7 +50,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> float | None:
     check_config(cfg)
     run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
-    for noisy in ("jax._src.xla_bridge", "absl", "orbax"):
+    for noisy in ("jax._src.xla_bridge", "absl", "orbax", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if cfg.compilation_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         enable_compilation_cache(Path(cfg.compilation_cache).expanduser())
@@ -126,11 +126,19 @@ def make_env(cfg: Any) -> Any:
 
 
 def make_service(cfg: DictConfig, home: Path) -> Any:
-    """The ServiceClient the config asks for (`client=local`: the in-process engine)."""
+    """The ServiceClient the config asks for: `client=local`, the in-process engine; `client=remote`, a
+    tinker-jax server through `framework.remote` (same client API, so the recipes do not change)."""
     if cfg.client.kind == "remote":
-        raise ConfigError(
-            f"client=remote (base_url={cfg.client.get('base_url')!r}) is not wired yet: the tinker-jax service "
-            "has not landed. Run with client=local (the in-process engine) for now.")
+        from framework.remote import RemoteServiceClient, ServerUnavailable
+
+        if not (cfg.client.api_key or os.environ.get("TINKER_API_KEY")):
+            raise ConfigError("client=remote needs client.api_key=tml-... (or $TINKER_API_KEY); the server's admin "
+                              "makes one with: python -m service keys create --name <you>")
+        try:
+            return RemoteServiceClient(cfg.client.base_url, cfg.client.api_key,
+                                       tokenizer_path=str(Path(cfg.model.path).expanduser().absolute()))
+        except ServerUnavailable as error:
+            raise ConfigError(str(error)) from None
     if cfg.client.kind != "local":
         raise ConfigError(f"client.kind must be local or remote, got {cfg.client.kind!r}")
     import jax
@@ -169,6 +177,9 @@ class Driver:
         self.run_dir = run_dir
         self.ckpt_dir = run_dir / CHECKPOINTS_DIR
         self.base_model = str(Path(cfg.model.path).expanduser().absolute())
+        if cfg.client.kind == "remote" and cfg.client.get("base_model"):
+            self.base_model = cfg.client.base_model
+        self.service: Any = None
 
     def run(self) -> float | None:
         from framework import types
@@ -185,7 +196,7 @@ class Driver:
             raise ConfigError(f"resume=true but {self.ckpt_dir / LATEST} does not exist")
         start = latest["completed_steps"] if latest else 0
 
-        service = make_service(cfg, self.ckpt_dir)
+        service = self.service = make_service(cfg, self.ckpt_dir)
         tracker = None
         finished = False
         try:
@@ -252,17 +263,24 @@ class Driver:
         kept = [*(previous or {}).get("checkpoints", []), path]
         keep = max(1, self.cfg.keep_checkpoints)
         for old in kept[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if str(old).startswith("tinker://"):
+                self.service.delete_checkpoint(old)  # a checkpoint on the server
+            else:
+                shutil.rmtree(old, ignore_errors=True)
         record = {"completed_steps": completed, "path": path, "checkpoints": kept[-keep:]}
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)  # remote: the checkpoints are on the server, not here
         tmp = self.ckpt_dir / (LATEST + ".tmp")
         tmp.write_text(json.dumps(record, indent=1))
         tmp.replace(self.ckpt_dir / LATEST)
 
     def _export(self, trainer: Any) -> Path:
-        path = Path(trainer.save_weights_for_sampler("final").result().path)
+        path = trainer.save_weights_for_sampler("final").result().path
         out = self.run_dir / FINAL_ADAPTER
         shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(path, out)
+        if path.startswith("tinker://"):
+            self.service.download_checkpoint(path, out)  # the adapter trained on the server
+        else:
+            shutil.copytree(path, out)
         log.info("final adapter (PEFT) in %s", out)
         return out
 

@@ -90,3 +90,20 @@ def checkpoint_copy(tiny_checkpoint, tmp_path) -> Callable[[str], Path]:
         return Path(shutil.copytree(tiny_checkpoint(name), tmp_path / name))
 
     return copy
+
+
+@pytest.fixture(scope="session")
+def service_server(request, tmp_path_factory):
+    """One real `python -m service` server (embedded tiny model, 20 adapter slots) shared by the service
+    tests; each test makes its own API keys, so tests are isolated like separate users."""
+    from service_utils import EMBEDDED, Server
+
+    cache = getattr(request.config, "cache", None)
+    xla = Path(cache.mkdir("service_xla_cache")) if cache is not None else None
+    # The SDK's default sampling path (one retrieve_future long-poll per sample); /retrieve_futures is
+    # tested with raw requests (with the SDK polling through it, its close() hung once in ~4 runs of the
+    # 16-user test, so it stays off by default).
+    server = Server(tmp_path_factory.mktemp("service"), [str(EMBEDDED)], "--maintenance-every", "1",
+                    xla_cache=xla).start()
+    yield server
+    server.stop()

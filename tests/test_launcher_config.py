@@ -54,10 +54,21 @@ def test_real_models_need_a_path():
     assert cfg.model.path == "/ckpt/Llama-3.2-1B-Instruct" and cfg.model.dtype == "auto"
 
 
-def test_remote_client_fails_clearly(tmp_path):
-    cfg = compose_config(["+experiment=rl_math", "client=remote", "client.base_url=http://localhost:8000"])
-    with pytest.raises(ConfigError, match="client=local"):
+def test_remote_client_without_a_server_fails_clearly(tmp_path, monkeypatch):
+    """A dead port is refused up front, in one line (the SDK itself would retry it for minutes)."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = compose_config(["+experiment=rl_math", "client=remote", f"client.base_url=http://127.0.0.1:{port}",
+                          "client.api_key=tml-x"])
+    with pytest.raises(ConfigError, match=f"no tinker server answers at http://127.0.0.1:{port}"):
         make_service(cfg, tmp_path)
+    monkeypatch.delenv("TINKER_API_KEY", raising=False)
+    no_key = compose_config(["+experiment=rl_math", "client=remote", f"client.base_url=http://127.0.0.1:{port}"])
+    with pytest.raises(ConfigError, match=r"client\.api_key"):
+        make_service(no_key, tmp_path)
 
 
 def test_run_dir_resolver(tmp_path):

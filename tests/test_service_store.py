@@ -1,0 +1,80 @@
+"""The server's database without the server: schema versions, API keys (the `keys` command), futures
+left pending by a dead server. A real SQLite file each time; no JAX."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+
+import pytest
+import sqlalchemy as sa
+
+from service import migrations
+from service import store as st
+
+
+def test_migrated_schema_is_the_mapped_schema(tmp_path):
+    store = st.Store(f"sqlite:///{tmp_path / 'state.db'}")
+    inspector = sa.inspect(store.engine)
+    for table in st.Base.metadata.sorted_tables:
+        migrated = {c["name"]: c for c in inspector.get_columns(table.name)}
+        assert set(migrated) == {c.name for c in table.columns}, table.name
+        for column in table.columns:
+            assert migrated[column.name]["nullable"] == column.nullable, f"{table.name}.{column.name}"
+            assert type(migrated[column.name]["type"]).__name__.upper() in str(column.type).upper() or \
+                str(column.type).upper() in str(migrated[column.name]["type"]).upper(), f"{table.name}.{column.name}"
+        assert {tuple(u["column_names"]) for u in inspector.get_unique_constraints(table.name)} >= {
+            tuple(c.name for c in u.columns) for u in table.constraints if isinstance(u, sa.UniqueConstraint)}
+    store.close()
+
+
+def test_upgrade_is_idempotent_and_refuses_a_newer_database(tmp_path):
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    engine = st.make_engine(url)
+    assert migrations.upgrade(engine) == [m[0] for m in migrations.MIGRATIONS]
+    assert migrations.upgrade(engine) == []
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO schema_version VALUES (:v, 'from the future', 'now')"),
+                     {"v": migrations.LATEST + 1})
+    with pytest.raises(migrations.SchemaTooNew, match=f"schema version {migrations.LATEST + 1}"):
+        migrations.upgrade(engine)
+    engine.dispose()
+
+
+def test_keys_command_prints_a_key_stored_only_as_a_hash(tmp_path):
+    db = tmp_path / "state.db"
+    url = f"sqlite:///{db}"
+    made = subprocess.run([sys.executable, "-m", "service", "keys", "create", "--name", "alice", "--db", url],
+                          capture_output=True, text=True, timeout=120, check=True)
+    key = made.stdout.strip().splitlines()[-1]
+    assert key.startswith("tml-") and len(key) > 40
+    store = st.Store(url)
+    assert store.owner_of_key(key) == "alice" and store.owner_of_key(key + "x") is None
+    listed = subprocess.run([sys.executable, "-m", "service", "keys", "list", "--db", url], capture_output=True,
+                            text=True, timeout=120, check=True).stdout
+    assert listed.startswith("alice\t") and "active" in listed
+    subprocess.run([sys.executable, "-m", "service", "keys", "revoke", "--name", "alice", "--db", url], check=True,
+                   capture_output=True, timeout=120)
+    assert store.owner_of_key(key) is None
+    store.close()
+    # read the files only once no connection is open (closing any descriptor of a SQLite file drops the
+    # process's locks on it): the raw key is nowhere, its digest is
+    files = b"".join(p.read_bytes() for p in tmp_path.glob("state.db*"))
+    assert key.encode() not in files and st.hash_key(key).encode() in files
+
+
+def test_futures_pending_at_a_restart_fail_and_old_ones_are_purged(tmp_path):
+    store = st.Store(f"sqlite:///{tmp_path / 'state.db'}")
+    old = st.utcnow() - dt.timedelta(days=30)
+    store.add(st.FutureRow(id="a", owner="o", kind="optim_step", model_id="m", seq_id=1, status="pending",
+                           created_at=st.utcnow()))
+    store.add(st.FutureRow(id="b", owner="o", kind="optim_step", model_id="m", seq_id=2, status="done",
+                           created_at=old))
+    assert store.fail_pending_futures("the server restarted") == 1
+    row = store.get(st.FutureRow, "a")
+    assert (row.status, row.error, row.error_category) == ("failed", "the server restarted", "server")
+    assert store.max_seq("m") == 2
+    assert store.purge_futures(st.utcnow() - dt.timedelta(days=7)) == 1
+    assert store.get(st.FutureRow, "b") is None and store.get(st.FutureRow, "a") is not None
+    store.close()
