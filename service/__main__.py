@@ -46,6 +46,8 @@ def _serve_parser() -> argparse.ArgumentParser:
                    help="seconds without a heartbeat after which a session is finished and its adapters freed")
     s.add_argument("--maintenance-every", type=float, default=ServerConfig.maintenance_every_s,
                    help="seconds between housekeeping passes (expiries, purges)")
+    s.add_argument("--snapshots-per-model", type=int, default=ServerConfig.snapshots_per_model,
+                   help="in-memory samplers kept per model; older ones are freed (default: %(default)s)")
     s.add_argument("--compress-fwdbwd", action="store_true", help="ask the SDK to zstd forward/backward bodies")
     s.add_argument("--sample-use-retrieve-futures", action="store_true",
                    help="ask the SDK to poll samples through /retrieve_futures (experimental: with it on, the "
@@ -75,6 +77,7 @@ def serve(argv: list[str]) -> None:
                           seq_gap_timeout_s=args.seq_gap_timeout, max_body_bytes=int(args.max_body_mb * (1 << 20)),
                           max_pending_samples=args.max_pending_samples, compress_fwdbwd=args.compress_fwdbwd,
                           session_timeout_s=args.session_timeout, maintenance_every_s=args.maintenance_every,
+                          snapshots_per_model=args.snapshots_per_model,
                           sample_use_retrieve_futures=args.sample_use_retrieve_futures,
                           log_level=args.log_level, log_format=args.log_format)
     setup_logging(config.log_level, config.log_format)

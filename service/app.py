@@ -43,7 +43,7 @@ def build_state(config: ServerConfig, metrics: Metrics) -> ServerState:
         log.warning("failed %d futures left pending by a previous run", failed)
     config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     bridge = Bridge(config.base_models, home=config.checkpoint_dir.absolute(),
-                    engine_config=config.engine or EngineConfig())
+                    engine_config=config.engine or EngineConfig(), snapshots_per_model=config.snapshots_per_model)
 
     def on_done(entry: Any) -> None:
         if entry.finished is not None:

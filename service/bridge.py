@@ -16,6 +16,7 @@ client's `base_model` matches a name exactly or a served path once resolved.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -76,7 +77,8 @@ def parse_base_model(spec: str) -> tuple[str, str]:
 
 
 class Bridge:
-    def __init__(self, base_models: list[str], *, home: Path, engine_config: EngineConfig, threads: int = 32):
+    def __init__(self, base_models: list[str], *, home: Path, engine_config: EngineConfig, threads: int = 32,
+                 snapshots_per_model: int = 8):
         self.service = ServiceClient(engine_config=engine_config, home=home)
         self.engine_config = engine_config
         self.home = home
@@ -85,6 +87,10 @@ class Bridge:
         self.models: dict[str, BaseModel] = {}
         self._trainers: dict[str, TrainingClient] = {}
         self._samplers: dict[str, SamplingClient] = {}
+        # The in-memory samplers published from each model, oldest first: the SDK never says when it
+        # drops one, so a long RL run would otherwise keep every step's snapshot until its session ends.
+        self._published: dict[str, collections.deque[str]] = collections.defaultdict(collections.deque)
+        self.snapshots_per_model = snapshots_per_model
 
     # ------------------------------------------------------------------------------ lifecycle
     def load(self) -> None:
@@ -156,6 +162,7 @@ class Bridge:
     def release(self, model_id: str) -> None:
         """Blocking: free the model's adapter (after its queued work)."""
         trainer = self._trainers.pop(model_id, None)
+        self._published.pop(model_id, None)  # its samplers live on until their session ends
         if trainer is not None:
             trainer.release().result()
 
@@ -193,9 +200,15 @@ class Bridge:
         return self._samplers.get(sampler_id)
 
     def publish(self, sampler_id: str, model_id: str) -> int | None:
-        """Blocking: snapshot the model's current weights as sampler `sampler_id`; returns its version."""
+        """Blocking: snapshot the model's current weights as sampler `sampler_id`; returns its version.
+        Only the model's `snapshots_per_model` most recent such samplers are kept: older ones are
+        closed (their queued requests still complete)."""
         sampler = guarded(self._trainers[model_id].save_weights_and_get_sampling_client)()
         self._samplers[sampler_id] = sampler
+        published = self._published[model_id]
+        published.append(sampler_id)
+        while len(published) > self.snapshots_per_model:
+            self.forget_sampler(published.popleft())
         return sampler.version
 
     def sampler_from_weights(self, sampler_id: str, disk_path: str, base: BaseModel) -> None:

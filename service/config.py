@@ -30,6 +30,7 @@ class ServerConfig:
     future_ttl_s: float = 7 * 24 * 3600.0  # finished futures kept in the database
     maintenance_every_s: float = 10.0
     session_timeout_s: float = 900.0  # a session without heartbeats this long is finished and its adapters freed
+    snapshots_per_model: int = 8  # in-memory samplers kept per model (`save_weights_and_get_sampling_client`)
     compress_fwdbwd: bool = False  # ask the SDK to zstd its forward/backward bodies
     sample_use_retrieve_futures: bool = False  # ask the SDK to poll samples through /retrieve_futures
     log_level: str = "INFO"

@@ -355,3 +355,27 @@ def test_a_silent_session_expires(service_server):
         assert "released" in refused["error"]
         info = http.post("/api/v1/weights_info", json={"tinker_path": saved}).json()
         assert info["lora_rank"] == 2
+
+
+def test_in_memory_samplers_are_bounded_per_model(service_server, sdk):
+    """An RL loop publishes a sampler every step and never says when it drops the old one: the server
+    keeps each model's 8 most recent in-memory samplers (`--snapshots-per-model`), frees the older
+    snapshots, and answers a request to a freed one with a 400 that says why."""
+    def snapshots() -> float:
+        text = service_server.get("/api/v1/metrics").text
+        line = next(x for x in text.splitlines() if x.startswith("tinker_engine_snapshots{"))
+        return float(line.rsplit(" ", 1)[1])
+
+    trainer = sdk.create_lora_training_client(base_model=BASE, rank=RANK, seed=3).result()
+    before = snapshots()
+    samplers = []
+    for _ in range(11):
+        trainer.forward_backward(sdk_datums(batch(1)), "cross_entropy")
+        trainer.optim_step(sdk_types.AdamParams(**ADAM)).result()
+        samplers.append(trainer.save_weights_and_get_sampling_client().result())
+    params = sdk_types.SamplingParams(max_tokens=2, seed=0)
+    newest = samplers[-1].sample(sdk_types.ModelInput.from_ints(PROMPT), 1, params).result()
+    assert len(newest.sequences) == 1
+    assert snapshots() - before <= 8
+    with pytest.raises(tinker.BadRequestError, match="newer ones"):
+        samplers[0].sample(sdk_types.ModelInput.from_ints(PROMPT), 1, params).result()

@@ -50,8 +50,8 @@ async def ensure_sampler(state: ServerState, row: st.SamplerRow) -> None:
                 await state.bridge.blocking(state.bridge.sampler_from_state, row.id, checkpoint.disk_path)
         elif row.source_model_id is not None:
             raise BadRequest(f"sampling_session_id: {row.id!r} sampled an in-memory snapshot of {row.source_model_id}"
-                             " that is gone (the server restarted or the session finished); make a new sampling "
-                             "client")
+                             " that is gone (the server restarted, the session finished, or the model published "
+                             f"{state.bridge.snapshots_per_model} newer ones since); make a new sampling client")
         else:
             state.bridge.sampler_for_base(row.id, base)
 
