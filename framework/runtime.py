@@ -51,7 +51,8 @@ class Runtime:
                 engine = Engine(key, self.engine_config)
                 scheduler = Scheduler(name=Path(key).name, background=_SamplingWork(engine),
                                       max_batch_tokens=self.engine_config.max_batch_tokens,
-                                      max_batch_adapters=self.engine_config.max_adapters)
+                                      max_batch_adapters=self.engine_config.max_adapters,
+                                      batch_window_s=self.engine_config.batch_window_ms / 1e3)
                 self._engines[key] = (engine, scheduler)
             return self._engines[key]
 

@@ -5,7 +5,8 @@ Rules (written down because correctness depends on them):
    requests of *other* adapters, but never jumps over an earlier pending request of its own adapter:
    an `optim_step` or a weight load is a barrier for its adapter only.
 2. Requests whose `batch_key` is equal (e.g. `("forward_backward", "ppo")`) and that are all at the
-   head of their adapter's queue run as one engine call, up to `max_batch_rows` rows,
+   head of their adapter's queue run as one engine call (an idle worker woken by such a request
+   waits `batch_window_s` for the rest of its burst), up to `max_batch_rows` rows,
    `max_batch_tokens` tokens (a request that alone fills a batch runs alone: co-batching it would
    cost more than it saves) and `max_batch_adapters` adapters (what the device holds at once);
    everything else runs alone.
@@ -67,10 +68,12 @@ class Scheduler:
     """FIFO-per-adapter batching over a single worker thread, interleaved with background work."""
 
     def __init__(self, *, max_batch_rows: int = 64, max_batch_tokens: int | None = None,
-                 max_batch_adapters: int | None = None, name: str = "engine", background: Background | None = None):
+                 max_batch_adapters: int | None = None, batch_window_s: float = 0.0, name: str = "engine",
+                 background: Background | None = None):
         self.max_batch_rows = max_batch_rows
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_adapters = max_batch_adapters
+        self.batch_window_s = batch_window_s
         self._background = background
         self._pending: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()
@@ -185,14 +188,23 @@ class Scheduler:
             return False
 
     def _loop(self) -> None:
+        idle = False
         while True:
             with self._cond:
                 while True:
                     if self._closed:
                         break
+                    if idle and self._pending and self._pending[0].batch_key is not None and self.batch_window_s:
+                        # Woken from idle by a batchable request: give the rest of its burst (other tenants
+                        # submitting at the same moment) a few ms to arrive, so they share one step.
+                        deadline = time.perf_counter() + self.batch_window_s
+                        while not self._closed and (left := deadline - time.perf_counter()) > 0:
+                            self._cond.wait(left)
+                    idle = False
                     batch = self._next_batch() if self._pending else []
                     if batch or self._has_background():
                         break
+                    idle = True
                     self._cond.wait()
                 if self._closed:
                     break

@@ -1,8 +1,8 @@
 """Continuous batching for sampling: a pool of KV-cache rows that sequences join and leave at step
 boundaries.
 
-The pool is `R` rows of capacity `C` (both powers of two, grown on demand and compacted when most
-rows are idle). Each engine call (`step`) first admits waiting requests, then decodes every active
+The pool is `R` rows of capacity `C` (both powers of two, grown on demand and shrunk as rows
+finish). Each engine call (`step`) first admits waiting requests, then decodes every active
 row `decode_chunk` steps in one compiled loop:
 
 - Admission prefills each request's prompt once, whatever its `num_samples`, then copies the
@@ -181,7 +181,7 @@ class DecodeLoop:
         try:
             self._admit_waiting()
             if self._rows.active.any():
-                self._ensure_pool(self.active_rows, 0, 0)  # compacts a mostly idle pool
+                self._ensure_pool(self.active_rows, 0, 0)  # shrinks the pool to the rows still decoding
                 self._decode_chunk()
         except Exception as error:  # the pool's donated buffers may be gone: fail what it held, start afresh
             logger.exception("sampling step failed; failing the requests in the pool")
@@ -324,13 +324,15 @@ class DecodeLoop:
         self._registry.pin(slot)
 
     def _ensure_pool(self, rows_needed: int, capacity_needed: int, stop_width: int) -> None:
-        """Make the pool at least `rows_needed` rows of `capacity_needed` positions (and stop lists at least
-        `stop_width` wide), moving the occupied rows to the front; a mostly idle pool is compacted."""
+        """Make the pool `bucket(rows_needed)` rows of at least `capacity_needed` positions (and stop lists
+        at least `stop_width` wide), moving the occupied rows to the front."""
         current = len(self._rows.owner)
         occupied = [r for r, owner in enumerate(self._rows.owner) if owner is not None]
         held = max([int(self._rows.prompt_len[r] + self._rows.budget[r]) + 1 for r in occupied], default=0)
         grow = rows_needed > current or capacity_needed > self._capacity or stop_width > self._stop_width
-        shrink = current > 8 and rows_needed <= current // 4
+        # Every row costs a decode step its compute whether it is active or not: follow the active count
+        # down as well as up (a resize copies only the occupied rows' keys/values).
+        shrink = bucket(rows_needed) < current
         if self._cache is not None and not grow and not shrink:
             return
         rows = bucket(rows_needed) if shrink or rows_needed > current else current
