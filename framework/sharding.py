@@ -228,6 +228,24 @@ class MeshRules:
         return constrained
 
 
+    def shard_attention(self, attend: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+                        ) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+        """`attend(q, k, v)`, a per-device kernel XLA cannot partition (the Pallas splash kernel), run
+        under `shard_map`: rows split like the batch, heads over `tp` when both the query and the kv heads
+        split (a shard then holds whole query groups with their kv heads), T and H whole on every device."""
+
+        def sharded(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+            q_spec = self.spec((axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.HEAD_DIM), q.shape)
+            kv_spec = self.spec((axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, axes.HEAD_DIM), k.shape)
+            if q_spec[2] != kv_spec[2]:
+                q_spec = PartitionSpec(q_spec[0], None, None, None)
+                kv_spec = PartitionSpec(kv_spec[0], None, None, None)
+            return jax.shard_map(attend, mesh=self.mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                                 check_vma=False)(q, k, v)
+
+        return sharded
+
+
 def place(tree: Any, shardings: Any) -> Any:
     """`jax.device_put` of `tree` onto `shardings` (a matching pytree, or one sharding for all leaves)."""
     return jax.device_put(tree, shardings)

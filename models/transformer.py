@@ -16,6 +16,7 @@ How it departs from the textbook model, and why:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -24,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig, rope_inverse_frequencies
+from models.remat import checkpointed
 
 LinearHook = Callable[[int, str, jax.Array, jax.Array], jax.Array]
 """`hook(layer, target, x, y)` returns the projection output to use instead of `y = Linear(x)`.
@@ -267,19 +269,25 @@ class Transformer(nnx.Module):
         *,
         hook: LinearHook | None = None,
         attend_fns: list[Callable[[jax.Array, jax.Array, jax.Array], jax.Array]] | None = None,
+        remat: str = "none",
+        attention: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
     ) -> jax.Array:
         """Final-normed hidden states `[B, T, D]` for `tokens [B, T]`.
 
         `attend_fns[i]` replaces plain causal self-attention in layer i (the KV cache uses this).
+        `remat` names the rematerialisation policy of every layer (`models.remat`); `attention`
+        replaces `causal_attention` (e.g. an accelerator kernel from `models.fused_attention`).
         """
+        if remat != "none" and attend_fns is not None:  # their cache bookkeeping would leak out of jax.checkpoint
+            raise ValueError("remat applies to training forwards, not with attend_fns (KV-cache passes)")
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope_tables(self.config, positions)
         x = jnp.take(self.embed[...], tokens, axis=0)
         for i, layer in enumerate(self.layers):
-            attend = attend_fns[i] if attend_fns is not None else causal_attention
-            x = layer(x, cos, sin, attend, hook)
+            attend = attend_fns[i] if attend_fns is not None else attention or causal_attention
+            x = checkpointed(functools.partial(layer, attend=attend, hook=hook), remat)(x, cos, sin)
         return self.final_norm(x)
 
     def logits(self, hidden: jax.Array, *, hook: LinearHook | None = None) -> jax.Array:
@@ -290,9 +298,11 @@ class Transformer(nnx.Module):
         return y
 
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array | None = None, *, hook: LinearHook | None = None
+        self, tokens: jax.Array, positions: jax.Array | None = None, *, hook: LinearHook | None = None,
+        remat: str = "none", attention: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
     ) -> jax.Array:
-        return self.logits(self.hidden_states(tokens, positions, hook=hook), hook=hook)
+        return self.logits(self.hidden_states(tokens, positions, hook=hook, remat=remat, attention=attention),
+                           hook=hook)
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
