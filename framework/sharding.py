@@ -42,7 +42,7 @@ MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tp")
 BATCH_MESH_AXES: tuple[str, ...] = ("data", "fsdp")
 
 RULES: dict[str, tuple[str, ...]] = {
-    # parameters (and the adapter bank, whose weights carry their kernel's axes)
+    # parameters
     axes.VOCAB: ("tp",),
     axes.EMBED: ("fsdp",),
     axes.HEADS: ("tp",),
@@ -53,6 +53,12 @@ RULES: dict[str, tuple[str, ...]] = {
     lora_axes.LAYERS: (),
     lora_axes.SLOT: (),
     lora_axes.RANK: (),
+    # adapter weights: as their kernel, and over fsdp too (they are trained: ZeRO-3 gradients and moments)
+    lora_axes.ADAPTER_AXES[axes.EMBED]: ("fsdp",),
+    lora_axes.ADAPTER_AXES[axes.HEADS]: ("tp", "fsdp"),
+    lora_axes.ADAPTER_AXES[axes.KV_HEADS]: ("tp", "fsdp"),
+    lora_axes.ADAPTER_AXES[axes.MLP]: ("tp", "fsdp"),
+    lora_axes.ADAPTER_AXES[axes.VOCAB]: ("tp", "fsdp"),
     # activations
     axes.BATCH: BATCH_MESH_AXES,
     axes.LENGTH: (),
@@ -131,7 +137,11 @@ class MeshRules:
     @classmethod
     def for_model(cls, mesh: Mesh, config: ModelConfig, rules: Mapping[str, tuple[str, ...]] | None = None
                   ) -> MeshRules:
-        return cls(mesh, dict(RULES if rules is None else rules), axes.axis_units(config))
+        """Rules for `config`'s dimensions: head dimensions (and their adapters') split between whole heads,
+        so an adapter's output is laid out as its kernel's."""
+        units = axes.axis_units(config)
+        units.update({lora_axes.ADAPTER_AXES[a]: n for a, n in units.items() if a in lora_axes.ADAPTER_AXES})
+        return cls(mesh, dict(RULES if rules is None else rules), units)
 
     def spec(self, logical: axes.LogicalAxes, shape: Sequence[int]) -> PartitionSpec:
         """The `PartitionSpec` of an array of `shape` whose dimensions have the `logical` axes."""
@@ -148,13 +158,12 @@ class MeshRules:
             wanted = [a for a in self.rules[name] if a not in used and self.mesh.shape[a] > 1]
             units = self.units.get(name, size)
             chosen: list[str] = []
-            for a in wanted:  # the longest prefix of the wanted axes that divides the dimension
+            for a in wanted:  # in order, every wanted axis that still divides the dimension
                 n = math.prod(self.mesh.shape[b] for b in [*chosen, a])
-                if units % n or size % n:
-                    break
-                chosen.append(a)
+                if units % n == 0 and size % n == 0:
+                    chosen.append(a)
             if len(chosen) < len(wanted):
-                dropped = wanted[len(chosen):]
+                dropped = [a for a in wanted if a not in chosen]
                 _log_once((name, size, units, tuple(dropped), tuple(self.mesh.shape.items())),
                           f"sharding: {name} dimension of size {size}" + (f" ({units} heads)" if units != size else "")
                           + f" does not divide over mesh axes {dropped} "

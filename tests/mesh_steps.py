@@ -100,6 +100,7 @@ class Steps:
                        self.rules.batch_sharding(batch.tokens.shape))
             self._jits["train"] = jax.jit(train, donate_argnums=(2,), out_shardings=out).lower(*args).compile()
             self.train_hlo = self._jits["train"].as_text()
+            self.train_memory = self._jits["train"].memory_analysis()
         return self._jits["train"](*args)
 
     def optim_step(self, bank_weights, grads, opt_state, slot: int, hp: AdamHyperparams):

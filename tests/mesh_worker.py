@@ -23,18 +23,21 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 
+import functools
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import mesh_steps as ms
 import numpy as np
 from flax import nnx
 
 from framework.optim import AdamHyperparams, init_opt_state
 from framework.sharding import MeshConfig, MeshRules, make_mesh
+from models import axes as ax
 from models import load_checkpoint, read_config
 
 
@@ -110,13 +113,20 @@ such ops: the dynamic-slice and layout fusions XLA puts before a gather), into t
 
 def replica_groups(attrs: str) -> list[list[int]]:
     """Device groups of a collective's `replica_groups` attribute, in any of XLA's spellings:
-    explicit `{{0,1},{2,3}}`, iota `[G,S]<=[dims]T(perm)`, or mesh `mesh['a'=2,'b'=4] {'a'}`."""
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", attrs)
+    explicit `{{0,1},{2,3}}`, iota `[G,S]<=[dims]T(perm)`, or mesh `mesh['a'=2,'b'=4] {'a'}` (optionally
+    with `device_ids=([dims]T(perm))`)."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))? "
+                  r"\{([^}]*)\}", attrs)
     if m:
         names = re.findall(r"'(\w+)'=(\d+)", m.group(1))
         sizes = [int(n) for _, n in names]
-        chosen = [[n for n, _ in names].index(a) for a in re.findall(r"'(\w+)'", m.group(2))]
-        ids = np.moveaxis(np.arange(int(np.prod(sizes))).reshape(sizes), chosen, range(-len(chosen), 0))
+        chosen = [[n for n, _ in names].index(a) for a in re.findall(r"'(\w+)'", m.group(4))]
+        ids = np.arange(int(np.prod(sizes)))
+        if m.group(2):  # the mesh's devices, as an iota reshaped and transposed
+            ids = ids.reshape([int(x) for x in m.group(2).split(",")])
+            if m.group(3):
+                ids = ids.transpose([int(x) for x in m.group(3).split(",")])
+        ids = np.moveaxis(ids.reshape(sizes), chosen, range(-len(chosen), 0))
         return ids.reshape(-1, int(np.prod([sizes[i] for i in chosen]))).tolist()
     m = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", attrs)
     if m:
@@ -222,9 +232,42 @@ def param_info(base: nnx.State) -> dict[str, dict[str, Any]]:
     return out
 
 
+def sharded_splash() -> list[dict[str, Any]]:
+    """`MeshRules.shard_attention` around the Pallas splash kernel (interpreted) on a (2, 4) mesh against
+    `causal_attention` on one device: values and gradients, with kv heads split over tp and not."""
+    from models.config import ModelConfig
+    from models.fused_attention import splash_attention
+    from models.transformer import causal_attention
+
+    out = []
+    for kv_heads in (4, 2):  # 4: q and kv heads split over tp=4; 2: kv heads cannot split, so neither does
+        config = ModelConfig(model_type="llama", vocab_size=8, hidden_size=128, intermediate_size=8, num_layers=1,
+                             num_heads=8, num_kv_heads=kv_heads, head_dim=16)
+        rules = MeshRules.for_model(make_mesh(MeshConfig(data=1, fsdp=2, tp=4)), config)
+        rng = np.random.default_rng(kv_heads)
+        q = rng.normal(size=(8, 128, 8, 16)).astype(np.float32)
+        k, v = (rng.normal(size=(8, 128, kv_heads, 16)).astype(np.float32) for _ in range(2))
+        w = rng.normal(size=q.shape).astype(np.float32)
+        attend = rules.shard_attention(functools.partial(splash_attention, interpret=True))
+
+        def grads(fn, q, k, v, w=w):
+            return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
+
+        def place(x, n, rules=rules):
+            return jax.device_put(x, rules.sharding((ax.BATCH, ax.LENGTH, n, ax.HEAD_DIM), x.shape))
+        got = jax.jit(functools.partial(grads, attend))(place(q, ax.ACT_HEADS), place(k, ax.ACT_KV_HEADS),
+                                                                  place(v, ax.ACT_KV_HEADS))
+        ref = jax.jit(functools.partial(grads, causal_attention))(q, k, v)
+        outputs = jax.jit(attend)(place(q, ax.ACT_HEADS), place(k, ax.ACT_KV_HEADS), place(v, ax.ACT_KV_HEADS))
+        spec = [*outputs.sharding.spec, *[None] * (4 - len(outputs.sharding.spec))]
+        out.append({"kv_heads": kv_heads, "grads": max_diff(got, ref),
+                    "out": max_diff(outputs, causal_attention(q, k, v)), "spec": spec})
+    return out
+
+
 def main(out_path: str, checkpoints: dict[str, Path]) -> None:
     assert len(jax.devices()) == 8, jax.devices()
-    results: dict[str, Any] = {"cases": [], "placement": [], "hlo": []}
+    results: dict[str, Any] = {"cases": [], "placement": [], "hlo": [], "memory": []}
     for role, checkpoint in checkpoints.items():
         config, _ = read_config(checkpoint)
         ref_model = load_checkpoint(checkpoint)  # unsharded, on the default device
@@ -250,6 +293,10 @@ def main(out_path: str, checkpoints: dict[str, Path]) -> None:
             results["cases"].append(compare(role, mesh_shape, ref, got))
             results["hlo"].append({"model": role, "mesh": list(mesh_shape), "params": param_info(base),
                                    "all_gathers": all_gathers(steps.train_hlo, mesh)})
+            memory = steps.train_memory
+            results["memory"].append({"model": role, "mesh": list(mesh_shape), "temp": memory.temp_size_in_bytes,
+                                      "arguments": memory.argument_size_in_bytes})
+    results["splash"] = sharded_splash()
     Path(out_path).write_text(json.dumps(results, indent=1))
 
 

@@ -27,7 +27,7 @@ def abstract_state(config):
 def rules_on(data: int, fsdp: int, tp: int, config=None) -> MeshRules:
     """Rules over an abstract mesh of that shape (specs need no devices)."""
     mesh = AbstractMesh((data, fsdp, tp), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-    return MeshRules(mesh, units=axes.axis_units(config) if config else {})
+    return MeshRules.for_model(mesh, config) if config else MeshRules(mesh)
 
 
 @pytest.mark.parametrize("name", [s.name for s in SPECS])
@@ -59,7 +59,8 @@ def test_rules_split_divisible_dimensions_and_replicate_the_rest(caplog):
     assert r.spec((axes.NORM,), (64,)) == P(None)
     r2 = rules_on(2, 4, 1)
     assert r2.spec((axes.BATCH, axes.LENGTH), (8, 16)) == P(("data", "fsdp"), None)
-    assert r2.spec((axes.BATCH,), (2,)) == P("data")  # the longest prefix that divides
+    assert r2.spec((axes.BATCH,), (2,)) == P("data")  # the axes that divide, in order
+    assert rules_on(4, 2, 1).spec((axes.BATCH,), (2,)) == P("fsdp")
     with caplog.at_level(logging.WARNING, logger="framework.sharding"):
         r.spec((axes.VOCAB, axes.EMBED), (307, 64))
         r.spec((axes.VOCAB, axes.EMBED), (307, 64))
@@ -105,13 +106,16 @@ def test_mesh_config_resolves_and_refuses():
 
 
 def test_bank_opt_state_and_cache_shardings_follow_their_kernels(tiny_checkpoint):
+    """Adapter weights split like their kernel and over fsdp as well (trained: ZeRO-3); the KV cache by
+    rows and kv heads."""
     config, _ = read_config(tiny_checkpoint("llama_gqa"))  # D=48, F=80, 6 heads x 8, 2 kv heads, V=301
     r = rules_on(1, 2, 2, config)
     bank = jax.eval_shape(lambda: lora.empty_bank(config, 3, 4))
     specs = jax.tree.map(lambda s: s.spec, r.bank_shardings(bank), is_leaf=lambda x: isinstance(x, NamedSharding))
     assert specs.weights["q"]["a"] == P(None, None, "fsdp", None)  # [L, S, D, R]
-    assert specs.weights["q"]["b"] == P(None, None, None, "tp")  # [L, S, R, N*H]
-    assert specs.weights["down"]["a"] == P(None, None, "tp", None)  # [L, S, F, R]
+    assert specs.weights["q"]["b"] == P(None, None, None, "tp")  # [L, S, R, N*H]: 6 heads, not 4
+    assert specs.weights["k"]["b"] == P(None, None, None, "tp")  # 2 kv heads
+    assert specs.weights["down"]["a"] == P(None, None, ("tp", "fsdp"), None)  # [L, S, F, R]
     assert specs.weights["unembed"]["b"] == P(None, None, None, None)  # V = 301
     assert specs.scales == P(None)
     one = jax.eval_shape(lambda b: jax.tree.map(lambda w: w[:, 0], b.weights), bank)

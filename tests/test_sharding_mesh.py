@@ -5,7 +5,8 @@ gathers parameters only the way FSDP must.
 process keeps one), over two checkpoints: `divisible` (a random model saved here, every dimension
 divisible by every mesh axis) on the meshes (fsdp, tp) = (8,1), (4,2), (2,4), (1,8), and `odd`
 (the tiny `qwen3_tied_mha`: 6 heads, a 301-token tied vocabulary) on (2,4) and (1,8), where its
-heads and vocabulary stay replicated over `tp`. Each test below reads one fact of its JSON report.
+heads and vocabulary stay replicated over `tp`. Each test below reads one fact of its JSON report;
+the worker also reports the training step's per-device memory, which the memory planner must predict.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from typing import Any
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-from mesh_steps import GENERATE, PLAN
+from mesh_steps import GENERATE, LENGTH, PLAN, RANK, ROWS, SLOTS, TARGETS
 
-from models import ModelConfig, Transformer
+from framework.memory_plan import Workload, plan_memory
+from models import ModelConfig, Transformer, read_config
 from models.saving import save_checkpoint
 
 TOL = 1e-5  # fp32: relative to max(1, the reference's largest magnitude)
@@ -115,3 +117,29 @@ def test_training_step_gathers_parameters_only_as_fsdp_needs(report, role, mesh)
     assert not built, f"all-gathers build tp-split parameters whole: {built}"
     if mesh[0] > 1:
         assert moved, "an FSDP step with no parameter all-gather: the HLO parser no longer sees them"
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_pallas_kernel_under_shard_map_equals_reference(report, kv_heads):
+    """The splash kernel (interpreted) run per device by `MeshRules.shard_attention` on (2, 4): values
+    and gradients equal `causal_attention`; heads split over tp only when the kv heads split too."""
+    (row,) = [r for r in report["splash"] if r["kv_heads"] == kv_heads]
+    for key in ("grads", "out"):
+        diff, scale = row[key]
+        assert diff <= TOL * max(1.0, scale), (key, diff, scale)
+    assert row["spec"] == ["fsdp", None, "tp" if kv_heads == 4 else None, None]
+
+
+@pytest.mark.parametrize(("role", "mesh"), CASES, ids=IDS)
+def test_memory_plan_per_device_within_25_percent(report, tiny_checkpoint, role, mesh):
+    """`framework.memory_plan` on each mesh against the compiled training step's per-device memory:
+    the buffers it holds (parameters, bank, gradient buffer) and its temporaries (activations and the
+    FSDP-gathered weights)."""
+    config = DIVISIBLE if role == "divisible" else read_config(tiny_checkpoint("qwen3_tied_mha"))[0]
+    work = Workload(batch=ROWS, seq_len=LENGTH, train_slots=SLOTS, sampler_slots=0, adapters=0, max_rank=RANK,
+                    targets=TARGETS, sample_batch=1, sample_len=1)
+    plan = plan_memory(config, mesh=(1, *mesh), workload=work).components
+    row = _row(report, "memory", role, mesh)
+    held = plan["params"] + plan["adapters"] + plan["gradients"]
+    assert held == pytest.approx(row["arguments"], rel=0.02)
+    assert plan["activations"] + plan["fsdp_gather"] == pytest.approx(row["temp"], rel=0.25)
