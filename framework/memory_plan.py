@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
 
 import jax
@@ -142,13 +143,21 @@ def _fmt(n: int) -> str:
 
 
 def device_capacity(device: jax.Device | None = None) -> int | None:
-    """Bytes the device can allocate, where the backend reports it (GPU/TPU; CPU reports nothing)."""
+    """Bytes the device can allocate: what the backend reports (GPU/TPU), or for CPU devices their share
+    of the host's physical memory; None when neither is known."""
     device = device or jax.local_devices()[0]
     try:
         stats = device.memory_stats()
     except (NotImplementedError, RuntimeError):
-        return None
-    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
+        except (ValueError, OSError):
+            return None
+    return None
 
 
 def abstract_rules(config: ModelConfig, mesh_shape: Sequence[int]) -> MeshRules:
