@@ -218,6 +218,20 @@ class MeshRules:
         """`batch_sharding` for every leaf of `tree` (scalars replicated)."""
         return jax.tree.map(lambda x: self.batch_sharding(np.shape(x)) if np.ndim(x) else self.replicated(), tree)
 
+    def adapter_layout(self) -> Callable[[str, str, jax.Array], jax.Array]:
+        """For `lora.make_hook(layout=...)`: pins one layer's adapter slice (`A [S, d_in, R]` /
+        `B [S, R, d_out]`) to the layout its product is computed in: gathered over `fsdp` (as FSDP gathers
+        a kernel on use), split over `tp` like its kernel. Without it XLA cannot move the bank's
+        fsdp-split dimension to the rows of the per-row adapter copies and replicates it involuntarily."""
+        compute = MeshRules(self.mesh, {k: tuple(a for a in v if a != "fsdp") for k, v in self.rules.items()},
+                            self.units)
+
+        def layout(target: str, key: str, w: jax.Array) -> jax.Array:
+            logical = lora_axes.weight_axes(target, key, slots=True)[1:]  # one layer: no layer axis
+            return jax.lax.with_sharding_constraint(w, compute.sharding(logical, w.shape))
+
+        return layout
+
     # ---------------------------------------------------------------------------- activations
     def constrain(self, x: jax.Array, logical: axes.LogicalAxes) -> jax.Array:
         """`with_sharding_constraint` of `x` to its logical axes (inside `jit`)."""

@@ -72,8 +72,9 @@ class Steps:
         self._jits: dict[str, Any] = {}
 
     def hook(self, bank: lora.LoraBank, slot_ids: jax.Array):
-        hook = lora.make_hook(bank, slot_ids)
-        return hook if self.rules is None else self.rules.constraining_hook(hook)
+        if self.rules is None:
+            return lora.make_hook(bank, slot_ids)
+        return self.rules.constraining_hook(lora.make_hook(bank, slot_ids, layout=self.rules.adapter_layout()))
 
     def model(self, base: nnx.State) -> Transformer:
         return nnx.merge(self.graphdef, base)

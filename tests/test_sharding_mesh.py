@@ -45,7 +45,7 @@ def report(tiny_checkpoint, tmp_path_factory) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, str(tests / "mesh_worker.py"), str(out), f"divisible={divisible}",
                            f"odd={tiny_checkpoint('qwen3_tied_mha')}"], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return {**json.loads(out.read_text()), "stderr": proc.stderr}
 
 
 def _row(report: dict[str, Any], section: str, role: str, mesh: tuple[int, int]) -> dict[str, Any]:
@@ -91,6 +91,14 @@ def test_kv_cache_is_split_by_rows_and_kv_heads(report):
     assert _row(report, "cases", "divisible", (2, 4))["cache_specs"] == [str(P("fsdp", "tp", None, None))]
     assert _row(report, "cases", "divisible", (1, 8))["cache_specs"] == [str(P(None, "tp", None, None))]
     assert _row(report, "cases", "odd", (1, 8))["cache_specs"] == [str(P(None, None, None, None))]
+
+
+def test_xla_never_replicates_involuntarily(report):
+    """XLA's partitioner found a direct way for every resharding in every step (an "involuntary full
+    rematerialization" replicates a tensor on every device: what `MeshRules.adapter_layout` prevents for
+    the adapter bank)."""
+    lines = [line for line in report["stderr"].splitlines() if "Involuntary full rematerialization" in line]
+    assert not lines, lines[0][:600]
 
 
 @pytest.mark.parametrize(("role", "mesh"), CASES, ids=IDS)
