@@ -176,7 +176,8 @@ def load_checkpoint(
     if shardings is not None:
         unplaced = [p for p in expected if p not in shardings]
         if unplaced:
-            raise ValueError(f"shardings has no entry for parameter {unplaced[0]} (and {len(unplaced) - 1} more)")
+            raise ValueError(f"shardings has no entry for parameter {unplaced[0]}"
+                             + (f" (and {len(unplaced) - 1} more)" if len(unplaced) > 1 else ""))
     place = shard or (lambda _path, array: jnp.asarray(array))
     handles: dict[Path, Any] = {}
     try:
