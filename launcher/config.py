@@ -37,6 +37,31 @@ class ModelConfig:
     path: str = MISSING  # a Hugging Face checkpoint directory (config.json + safetensors + tokenizer)
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on accelerators
     max_seq_len: int = 0  # 0: the model's max_position_embeddings
+    remat: str = "none"  # none | full | dots: rematerialisation of each layer in training (models.remat)
+
+
+@dataclass
+class MeshSchema:
+    """`framework.sharding.MeshConfig`: devices along data / fsdp / tp, one of them -1 for the rest
+    (default: the base model and the batch spread over every visible device by fsdp)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tp: int = 1
+
+
+@dataclass
+class DistributedSchema:
+    """`framework.distributed.DistributedConfig`: join a multi-host run (one process per host, the same
+    command everywhere). Unset fields come from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID, else from JAX's cluster detection (SLURM, Open MPI, Kubernetes, Cloud TPU)."""
+
+    enabled: bool = False
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+    cpu_collectives: str = "gloo"
+    initialization_timeout: int = 300
 
 
 @dataclass
@@ -160,6 +185,9 @@ class Config:
     runs_root: str = "runs"
     # JAX's persistent compilation cache: a second run with the same shapes skips most compiling.
     compilation_cache: str | None = "~/.cache/tinker-jax/xla"
+    plan_only: bool = False  # print the per-device memory plan and exit (exit 2 if it does not fit)
+    mesh: MeshSchema = field(default_factory=MeshSchema)
+    distributed: DistributedSchema = field(default_factory=DistributedSchema)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -48,10 +48,19 @@ class ConfigError(ValueError):
 def run(cfg: DictConfig, run_dir: str | os.PathLike[str]) -> float | None:
     """Run `cfg.recipe` in `run_dir`; returns the run's final main metric (for sweepers)."""
     check_config(cfg)
-    run_dir = Path(run_dir).absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
     for noisy in ("jax._src.xla_bridge", "absl", "orbax", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from framework.distributed import DistributedConfig, initialize
+
+    initialize(DistributedConfig(**cfg.distributed))  # before anything touches a device
+    if cfg.plan_only:
+        plan = memory_plan(cfg)
+        print(plan.report())
+        if not plan.fits:
+            raise ConfigError("\n".join(plan.advice()))
+        return None
+    run_dir = Path(run_dir).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.compilation_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         enable_compilation_cache(Path(cfg.compilation_cache).expanduser())
     if cfg.recipe == "pretrain":
@@ -70,6 +79,36 @@ def check_config(cfg: DictConfig) -> None:
             "embedded tiny model.")
     if cfg.client.kind == "remote" and not cfg.client.get("base_url"):
         raise ConfigError("client=remote needs client.base_url=http://<host>:<port> of a tinker-jax server")
+
+
+def memory_plan(cfg: DictConfig) -> Any:
+    """The engine's per-device memory for this run (`framework.memory_plan`) on the configured mesh."""
+    import jax
+
+    from framework.memory_plan import Workload, device_capacity, plan_memory
+    from framework.precision import Precision
+    from framework.sharding import MeshConfig
+    from lora import select_targets
+    from models import read_config
+
+    model_config, _ = read_config(cfg.model.path)
+    seq = cfg.model.max_seq_len or model_config.max_position_embeddings
+    rows = {"rl": cfg.rl.problems_per_step * cfg.rl.group_size, "sl": cfg.sl.batch_size, "dpo": 2 * cfg.dpo.batch_size,
+            "distill": cfg.distill.problems_per_step * cfg.distill.group_size}.get(cfg.recipe, 1)
+    client = cfg.client
+    workload = Workload(
+        batch=1 << max(0, rows - 1).bit_length(), seq_len=seq, train_slots=client.max_adapters + 1,
+        sampler_slots=client.sampler_slots + 1, adapters=client.max_adapters,
+        max_rank=max(client.max_rank, cfg.lora.rank),
+        targets=select_targets(train_attn=cfg.lora.train_attn, train_mlp=cfg.lora.train_mlp,
+                               train_unembed=cfg.lora.train_unembed),
+        sample_batch=rows, sample_len=seq, remat=cfg.model.remat, fused_attention=jax.default_backend() != "cpu")
+    try:
+        mesh = MeshConfig(**cfg.mesh).shape(jax.device_count())
+    except ValueError as error:
+        raise ConfigError(f"mesh: {error}") from None
+    return plan_memory(model_config, dtype=Precision.from_dtype(cfg.model.dtype).params, mesh=mesh,
+                       workload=workload, capacity=device_capacity())
 
 
 def describe(cfg: DictConfig, run_dir: Path) -> list[str]:

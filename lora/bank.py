@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -126,8 +126,18 @@ ONE_HOT_MAX_SLOTS = 2
 """One-token rows over more slots than this gather each row's adapter instead (see `make_hook`)."""
 
 
-def make_hook(bank: LoraBank, slot_ids: jax.Array) -> LinearHook:
+def make_hook(
+    bank: LoraBank, slot_ids: jax.Array, *, compute_dtype: jnp.dtype | None = None,
+    layout: Callable[[str, str, jax.Array], jax.Array] | None = None,
+) -> LinearHook:
     """A `LinearHook` adding each row's adapter: `slot_ids [B]` picks the slot of every batch row.
+
+    `compute_dtype` (default: the bank's dtype) is the dtype of the low-rank products. An fp32 bank
+    (master weights, hence fp32 gradients and AdamW moments) under a bf16 model takes bf16 here, so
+    its products run at the model's precision; gradients still flow back to the fp32 weights.
+    `layout(target, "a" | "b", w)` is applied to each layer's `A [S, d_in, R]` / `B [S, R, d_out]` where
+    it is used: on a mesh, `framework.sharding.MeshRules.adapter_layout()` gathers it there, the way
+    FSDP gathers a kernel.
 
     Two evaluations of the same sum, chosen per call from the (static) shapes:
     - several tokens per row (training, prefill), or one token per row over more than
@@ -150,6 +160,10 @@ def make_hook(bank: LoraBank, slot_ids: jax.Array) -> LinearHook:
             return y
         li = 0 if layer == UNEMBED_LAYER else layer
         a, b = layers[target][0][li], layers[target][1][li]  # [S, d_in, R], [S, R, d_out]
+        if layout is not None:
+            a, b = layout(target, "a", a), layout(target, "b", b)
+        if compute_dtype is not None:
+            a, b = a.astype(compute_dtype), b.astype(compute_dtype)
         x = x.astype(a.dtype)
         if math.prod(x.shape[1:-1]) == 1 and bank.num_slots <= ONE_HOT_MAX_SLOTS:
             h = jnp.einsum("b...i,sir->b...sr", x, a)

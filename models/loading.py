@@ -10,10 +10,11 @@ ever downloaded: the path must be a local directory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -132,11 +133,17 @@ def load_checkpoint(
     *,
     dtype: jnp.dtype | str = jnp.float32,
     shard: Callable[[tuple[str | int, ...], np.ndarray], jax.Array] | None = None,
+    shardings: Mapping[tuple[str | int, ...], jax.sharding.Sharding] | None = None,
 ) -> Transformer:
     """Build a `Transformer` holding the checkpoint's weights, cast to `dtype`.
 
-    `shard(path, array)` may place each parameter (e.g. `jax.device_put` with a sharding);
-    by default arrays go to the default device.
+    `shardings` (`{state path: Sharding}` for every parameter, e.g. from
+    `framework.sharding.MeshRules.param_sharding_map`) loads each parameter straight into its
+    shards: every device's block is read from the safetensors file as a slice
+    (`jax.make_array_from_callback`), so no device and no host buffer ever holds a whole tensor that
+    is split, and each process of a multi-host run reads only its own devices' blocks.
+    Otherwise `shard(path, array)` may place each whole parameter (e.g. `jax.device_put`); by
+    default arrays go to the default device.
     """
     config, _ = read_config(path)
     dtype = jnp.dtype(dtype)
@@ -166,6 +173,11 @@ def load_checkpoint(
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
 
+    if shardings is not None:
+        unplaced = [p for p in expected if p not in shardings]
+        if unplaced:
+            raise ValueError(f"shardings has no entry for parameter {unplaced[0]}"
+                             + (f" (and {len(unplaced) - 1} more)" if len(unplaced) > 1 else ""))
     place = shard or (lambda _path, array: jnp.asarray(array))
     handles: dict[Path, Any] = {}
     try:
@@ -173,21 +185,29 @@ def load_checkpoint(
             file = files[hf_name]
             if file not in handles:
                 handles[file] = safe_open(file, framework="numpy")
-            array = handles[file].get_tensor(hf_name)
-            if spec.transpose:
-                array = array.T
+            tensor = handles[file].get_slice(hf_name)
+            stored = tuple(tensor.get_shape())
             variable = flat[spec.path]
             want = tuple(variable.shape)
-            if tuple(array.shape) != want:
-                got = array.shape[::-1] if spec.transpose else array.shape
+            if (stored[::-1] if spec.transpose else stored) != want:
                 expect = want[::-1] if spec.transpose else want
-                raise CheckpointError(
-                    f"{file}: tensor {hf_name!r} has shape {tuple(got)}, config.json implies {tuple(expect)}"
-                )
-            variable.set_value(place(spec.path, np.ascontiguousarray(array).astype(dtype)))
+                raise CheckpointError(f"{file}: tensor {hf_name!r} has shape {stored}, config.json implies {expect}")
+            if shardings is not None:
+                value = jax.make_array_from_callback(
+                    want, shardings[spec.path], functools.partial(_read_block, tensor, spec.transpose, dtype))
+            else:
+                array = handles[file].get_tensor(hf_name)
+                value = place(spec.path, np.ascontiguousarray(array.T if spec.transpose else array).astype(dtype))
+            variable.set_value(value)
     finally:
         handles.clear()
     return nnx.merge(graphdef, state)
+
+
+def _read_block(tensor: Any, transpose: bool, dtype: np.dtype, index: tuple[slice, ...]) -> np.ndarray:
+    """The block `index` (in our layout) of a safetensors tensor, read as a slice of the file."""
+    block = tensor[index[::-1]].T if transpose else tensor[index]
+    return np.ascontiguousarray(block).astype(dtype)
 
 
 def load_tokenizer(path: str | os.PathLike[str]):  # -> transformers.PreTrainedTokenizerBase

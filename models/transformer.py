@@ -16,6 +16,7 @@ How it departs from the textbook model, and why:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -24,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig, rope_inverse_frequencies
+from models.remat import checkpointed
 
 LinearHook = Callable[[int, str, jax.Array, jax.Array], jax.Array]
 """`hook(layer, target, x, y)` returns the projection output to use instead of `y = Linear(x)`.
@@ -273,23 +275,33 @@ class Transformer(nnx.Module):
         hook: LinearHook | None = None,
         attend_fns: list[Callable[[jax.Array, jax.Array, jax.Array], jax.Array]] | None = None,
         segment_ids: jax.Array | None = None,
+        remat: str = "none",
+        attention: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
     ) -> jax.Array:
         """Final-normed hidden states `[B, T, D]` for `tokens [B, T]`.
 
         `attend_fns[i]` replaces plain causal self-attention in layer i (the KV cache uses this).
         `segment_ids [B, T]` keeps packed sequences apart (pass their restarting `positions` too).
+        `remat` names the rematerialisation policy of every layer (`models.remat`); `attention`
+        replaces `causal_attention` (e.g. an accelerator kernel from `models.fused_attention`; not
+        with `segment_ids`, which only the masked path takes).
         """
+        if remat != "none" and attend_fns is not None:  # their cache bookkeeping would leak out of jax.checkpoint
+            raise ValueError("remat applies to training forwards, not with attend_fns (KV-cache passes)")
+        if segment_ids is not None and attention is not None:
+            raise ValueError("packed rows (segment_ids) need the masked attention path; pass attention=None")
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope_tables(self.config, positions)
         x = jnp.take(self.embed[...], tokens, axis=0)
+
         def self_attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
             return causal_attention(q, k, v, segment_ids=segment_ids)
 
         for i, layer in enumerate(self.layers):
-            attend = attend_fns[i] if attend_fns is not None else self_attend
-            x = layer(x, cos, sin, attend, hook)
+            attend = attend_fns[i] if attend_fns is not None else attention or self_attend
+            x = checkpointed(functools.partial(layer, attend=attend, hook=hook), remat)(x, cos, sin)
         return self.final_norm(x)
 
     def logits(self, hidden: jax.Array, *, hook: LinearHook | None = None) -> jax.Array:
@@ -301,9 +313,12 @@ class Transformer(nnx.Module):
 
     def __call__(
         self, tokens: jax.Array, positions: jax.Array | None = None, *, hook: LinearHook | None = None,
-        segment_ids: jax.Array | None = None,
+        segment_ids: jax.Array | None = None, remat: str = "none",
+        attention: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
     ) -> jax.Array:
-        return self.logits(self.hidden_states(tokens, positions, hook=hook, segment_ids=segment_ids), hook=hook)
+        hidden = self.hidden_states(tokens, positions, hook=hook, segment_ids=segment_ids, remat=remat,
+                                    attention=attention)
+        return self.logits(hidden, hook=hook)
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
