@@ -6,7 +6,7 @@ Rules (written down because correctness depends on them):
    an `optim_step` or a weight load is a barrier for its adapter only.
 2. Requests whose `batch_key` is equal (e.g. `("forward_backward", "ppo")`) and that are all at the
    head of their adapter's queue run as one engine call (an idle worker woken by such a request
-   waits `batch_window_s` for the rest of its burst), up to `max_batch_rows` rows,
+   waits for the rest of its burst: until none has come for `batch_window_s`), up to `max_batch_rows` rows,
    `max_batch_tokens` tokens (a request that alone fills a batch runs alone: co-batching it would
    cost more than it saves) and `max_batch_adapters` adapters (what the device holds at once);
    everything else runs alone.
@@ -32,6 +32,9 @@ from concurrent.futures import Future
 from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
+
+BURST_WINDOWS = 20
+"""The longest an idle worker waits for a burst of requests to end, in batch windows."""
 
 BatchFn = Callable[[Sequence[Any]], Sequence[Any]]
 """Runs a batch of payloads on the engine and returns one result per payload."""
@@ -196,10 +199,16 @@ class Scheduler:
                         break
                     if idle and self._pending and self._pending[0].batch_key is not None and self.batch_window_s:
                         # Woken from idle by a batchable request: give the rest of its burst (other tenants
-                        # submitting at the same moment) a few ms to arrive, so they share one step.
-                        deadline = time.perf_counter() + self.batch_window_s
+                        # submitting at the same moment) time to arrive, so they share one step: wait until
+                        # no request has come for `batch_window_s` (at most BURST_WINDOWS of them in all).
+                        start = time.perf_counter()
+                        deadline, seen = start + self.batch_window_s, len(self._pending)
                         while not self._closed and (left := deadline - time.perf_counter()) > 0:
                             self._cond.wait(left)
+                            if len(self._pending) != seen:
+                                seen = len(self._pending)
+                                deadline = min(time.perf_counter() + self.batch_window_s,
+                                               start + BURST_WINDOWS * self.batch_window_s)
                     idle = False
                     batch = self._next_batch() if self._pending else []
                     if batch or self._has_background():

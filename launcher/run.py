@@ -183,13 +183,15 @@ def make_service(cfg: DictConfig, home: Path) -> Any:
     import jax
 
     from framework import EngineConfig, ServiceClient
+    from framework.sharding import MeshConfig
 
     dtype = cfg.model.dtype
     if dtype == "auto":
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     engine = EngineConfig(max_adapters=cfg.client.max_adapters, max_rank=max(cfg.client.max_rank, cfg.lora.rank),
                           sampler_slots=cfg.client.sampler_slots, dtype=dtype,
-                          min_seq_bucket=cfg.client.min_seq_bucket, max_seq_len=cfg.model.max_seq_len)
+                          min_seq_bucket=cfg.client.min_seq_bucket, max_seq_len=cfg.model.max_seq_len,
+                          mesh=MeshConfig(**cfg.mesh))
     return ServiceClient(engine_config=engine, home=home)
 
 

@@ -18,6 +18,24 @@ from service.config import ServerConfig
 DEFAULT_DB = ServerConfig.db_url
 
 
+def parse_mesh(text: str):  # -> framework.sharding.MeshConfig
+    """`"fsdp=4,tp=2"` → `MeshConfig(fsdp=4, tp=2)` (axes not named keep their defaults)."""
+    from framework.sharding import MESH_AXES, MeshConfig
+
+    sizes: dict[str, int] = {}
+    for part in filter(None, text.replace(" ", "").split(",")):
+        name, _, value = part.partition("=")
+        if name not in MESH_AXES or not value.lstrip("-").isdigit():
+            raise argparse.ArgumentTypeError(f"{part!r}: expected AXIS=N with AXIS one of {', '.join(MESH_AXES)}")
+        sizes[name] = int(value)
+    if "fsdp" not in sizes and -1 in sizes.values():
+        sizes["fsdp"] = 1  # another axis takes the rest
+    try:
+        return MeshConfig(**sizes)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m service", description="Serve the tinker API for local base models.",
                                 epilog="Manage API keys with: python -m service keys {create,list,revoke} --help")
@@ -36,6 +54,9 @@ def _serve_parser() -> argparse.ArgumentParser:
                                                   "float32 or bfloat16")
     e.add_argument("--min-seq-bucket", type=int, default=32)
     e.add_argument("--max-seq-len", type=int, default=0, help="0: the model's max_position_embeddings")
+    e.add_argument("--mesh", type=parse_mesh, default="fsdp=-1", metavar="AXIS=N[,AXIS=N]",
+                   help="device mesh over data / fsdp / tp, one of them -1 for the rest (default: %(default)s, "
+                        "every visible device along fsdp)")
     s = p.add_argument_group("service")
     s.add_argument("--poll-hold", type=float, default=ServerConfig.poll_hold_s,
                    help="seconds a retrieve_future poll is held before answering try_again")
@@ -71,7 +92,8 @@ def serve(argv: list[str]) -> None:
 
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     engine = EngineConfig(max_adapters=args.max_adapters, max_rank=args.max_rank, sampler_slots=args.sampler_slots,
-                          dtype=dtype, min_seq_bucket=args.min_seq_bucket, max_seq_len=args.max_seq_len)
+                          dtype=dtype, min_seq_bucket=args.min_seq_bucket, max_seq_len=args.max_seq_len,
+                          mesh=args.mesh)
     config = ServerConfig(base_models=args.base_model, db_url=args.db, checkpoint_dir=args.checkpoint_dir,
                           host=args.host, port=args.port, engine=engine, poll_hold_s=args.poll_hold,
                           seq_gap_timeout_s=args.seq_gap_timeout, max_body_bytes=int(args.max_body_mb * (1 << 20)),

@@ -19,11 +19,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from lora import LoraWeights
 
@@ -50,17 +49,14 @@ class AdapterState:
         return self.alpha / self.rank
 
 
-def _to_device(tree: Any) -> Any:
-    # jnp.asarray gives uncommitted arrays like the rest of the engine's state: jit keys its cache on
-    # committedness, so committed page-ins would compile every step again.
-    return jax.tree.map(jnp.asarray, tree)
-
-
 class AdapterPool:
     """The adapters of one engine, by id, with at most `capacity` of them on the device."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, to_device: Callable[[LoraWeights, Any, LoraWeights | None], tuple]):
+        """`to_device(weights, opt_state, grads)` places a paged-out adapter's host arrays back on the
+        device(s) (`framework.engine.placement.Placement.adapter_state`)."""
         self.capacity = capacity
+        self._to_device = to_device
         self._adapters: dict[str, AdapterState] = {}
         self._clock = itertools.count(1)
         self.page_ins = 0
@@ -133,8 +129,8 @@ class AdapterPool:
 
     def _page_in(self, adapter: AdapterState) -> None:
         t0 = time.perf_counter()
-        adapter.weights, adapter.opt_state, adapter.grads = _to_device((adapter.weights, adapter.opt_state,
-                                                                        adapter.grads))
+        adapter.weights, adapter.opt_state, adapter.grads = self._to_device(adapter.weights, adapter.opt_state,
+                                                                            adapter.grads)
         jax.block_until_ready((adapter.weights, adapter.opt_state, adapter.grads))
         adapter.resident = True
         self.page_ins += 1

@@ -1,13 +1,15 @@
 """`EngineConfig`: the sizes of one engine's caches and batches. Every field is a bound that keeps a
 long-running engine's memory and compile count flat, never a limit a user's workload runs into:
 adapters beyond `max_adapters` page to host memory, snapshots beyond `sampler_slots` wait for a
-slot, sampled rows beyond `decode_rows` wait for a row.
+slot, sampled rows beyond `decode_rows` wait for a row. `mesh` spreads the engine over devices
+(`framework.sharding`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from framework.sharding import MeshConfig
 from lora import ALL_TARGETS
 
 
@@ -34,6 +36,8 @@ class EngineConfig:
     # prefill per sampled row instead of one per request.
     continuous_batching: bool = True
     prefill_once: bool = True
+    # The device mesh: by default every visible device along `fsdp` (one device: no sharding at all).
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def __post_init__(self) -> None:
         # Training batches must never have one token per row: `lora.make_hook` then mixes every slot into

@@ -33,6 +33,7 @@ from framework.engine.adapters import AdapterPool, AdapterState
 from framework.engine.config import EngineConfig
 from framework.engine.decode import DecodeLoop
 from framework.engine.packing import layout
+from framework.engine.placement import Placement
 from framework.engine.prefix_cache import PrefixCache
 from framework.engine.requests import (
     CustomLossRequest,
@@ -51,33 +52,44 @@ from framework.engine.snapshots import BASE, Snapshot, SnapshotRegistry, require
 from framework.engine.training import TrainingSteps, batch_arrays, stack_adapters
 from framework.losses import LOSSES
 from framework.optim import AdamHyperparams, init_opt_state
-from lora import ALL_TARGETS, DEFAULT_ALPHA, LoraBank, LoraWeights, empty_bank, init_adapter, make_hook
-from models import Transformer, load_checkpoint
+from lora import ALL_TARGETS, DEFAULT_ALPHA, LoraBank, LoraWeights, empty_bank, init_adapter
+from models import Transformer, load_checkpoint, read_config
 
 
 class Engine:
     """All adapters of one base model, and the compiled steps that serve them together."""
 
-    def __init__(self, base_model: str, config: EngineConfig | None = None, *, model: Transformer | None = None):
+    def __init__(self, base_model: str, config: EngineConfig | None = None, *, model: Transformer | None = None,
+                 devices: Sequence[jax.Device] | None = None):
+        """`devices`: the devices of the mesh (default: every visible device of every process)."""
         self.config = config or EngineConfig()
         self.base_model = base_model
-        self.model = model if model is not None else load_checkpoint(base_model, dtype=self.config.dtype)
-        self.model_config = self.model.config
+        model_config = model.config if model is not None else read_config(base_model)[0]
+        self.placement = Placement(model_config, self.config.mesh, devices)
+        if model is None:
+            abstract = nnx.state(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
+            model = load_checkpoint(base_model, dtype=self.config.dtype,
+                                    shardings=self.placement.param_shardings(model_config, abstract))
+        self.model = model
+        self.model_config = model_config
         self.max_seq_len = self.config.max_seq_len or self.model_config.max_position_embeddings
         self._graphdef, self._base = nnx.split(self.model)
+        self._base = self.placement.base(model_config, self._base)
         self._dtype = jnp.dtype(self.config.dtype)
         self.compile_counts: collections.Counter[str] = collections.Counter()
-        self.adapters = AdapterPool(self.config.max_adapters)
-        self._zero = jax.tree.map(jnp.zeros_like, self._new_weights(rank=1, seed=0, targets=()))
-        self._zero_opt_state = init_opt_state(self._zero)
+        self.adapters = AdapterPool(self.config.max_adapters, self.placement.adapter_state)
+        self._zero = self.placement.adapter(jax.tree.map(lambda w: np.zeros(w.shape, w.dtype),
+                                                         self._new_weights(rank=1, seed=0, targets=())))
+        self._zero_opt_state = self.placement.new_opt_state(self._zero)
         self._zero_hp = AdamHyperparams.make(0.0)
-        self.snapshots = SnapshotRegistry(empty_bank(self.model_config, self.config.sampler_slots + 1,
-                                                     self.config.max_rank, targets=self.config.targets,
-                                                     dtype=self._dtype))
+        self.snapshots = SnapshotRegistry(self.placement.bank(empty_bank(
+            self.model_config, self.config.sampler_slots + 1, self.config.max_rank, targets=self.config.targets,
+            dtype=self._dtype)), place=self.placement.bank)
         self.prefix_cache = PrefixCache(int(self.config.prefix_cache_mb * 2**20))
-        self._steps = TrainingSteps(self._graphdef, self.compile_counts, self.config.custom_steps)
+        self._steps = TrainingSteps(self._graphdef, self.compile_counts, self.config.custom_steps, self.placement)
         self.decoder = DecodeLoop(graphdef=self._graphdef, base=self._base, model_config=self.model_config,
                                   dtype=self._dtype, registry=self.snapshots, prefix_cache=self.prefix_cache,
+                                  placement=self.placement,
                                   max_rows=self.config.decode_rows, chunk=self.config.decode_chunk,
                                   min_capacity=self.config.min_seq_bucket, prompt_extras=self._prompt_extras,
                                   compile_counts=self.compile_counts,
@@ -89,8 +101,9 @@ class Engine:
 
     # ----------------------------------------------------------------------------------- adapters
     def _new_weights(self, *, rank: int, seed: int, targets: Sequence[str]) -> LoraWeights:
-        return init_adapter(self.model_config, rank=rank, seed=seed, targets=targets, bank_targets=self.config.targets,
-                            max_rank=self.config.max_rank, dtype=self._dtype)
+        return self.placement.adapter(init_adapter(
+            self.model_config, rank=rank, seed=seed, targets=targets, bank_targets=self.config.targets,
+            max_rank=self.config.max_rank, dtype=self._dtype))
 
     def create_adapter(self, *, rank: int, seed: int = 0, targets: Sequence[str] = ALL_TARGETS,
                        alpha: float = DEFAULT_ALPHA, adapter_id: str | None = None) -> AdapterState:
@@ -129,8 +142,8 @@ class Engine:
         """Overwrite an adapter's weights (and AdamW state; None starts it afresh) and drop its pending
         gradients. Returns the new version."""
         adapter = self.adapters.ensure_resident([adapter_id])[0]
-        adapter.weights = jax.tree.map(lambda w, like: jnp.asarray(w, like.dtype), weights, self._zero)
-        adapter.opt_state = None if opt_state is None else jax.tree.map(jnp.asarray, opt_state)
+        adapter.weights = self.placement.adapter(weights, self._dtype)
+        adapter.opt_state = None if opt_state is None else self.placement.opt_state(opt_state, adapter.weights)
         adapter.grads, adapter.accumulated = None, 0
         adapter.step = step
         adapter.version += 1
@@ -168,7 +181,7 @@ class Engine:
             raise ValueError(f"sequence length {n} exceeds the engine's max_seq_len {self.max_seq_len}")
         batch = layout([g for g, _, _ in flat], [d for _, d, _ in flat], [c for _, _, c in flat],
                        LOSSES[loss_name].input_keys, min_bucket=self.config.min_seq_bucket, pack=self.config.pack)
-        arrays = batch_arrays(batch)
+        arrays = self.placement.batch(batch_arrays(batch))
         if backward:
             grads, logprobs, loss, metrics = self._steps.forward_backward(
                 self._base, weights, scales, arrays, loss_name=loss_name, num_datums=batch.num_datums)
@@ -224,6 +237,7 @@ class Engine:
         for i, d in enumerate(request.datums):
             tokens[i, : len(d.tokens)], targets[i, : len(d.tokens)] = d.tokens, d.inputs["target_tokens"]
         consts = [jnp.asarray(c) for c in request.loss.consts]
+        tokens, targets = self.placement.batch((tokens, targets))
         grads, logprobs, value, metrics = step(self._base, adapter.weights, jnp.float32(adapter.scale), tokens,
                                                targets, consts)
         logprobs, value, metrics = jax.device_get((logprobs, value, metrics))
@@ -260,7 +274,7 @@ class Engine:
             pad = bucket(len(batch)) - len(batch)  # a power of two of adapters per call: few compiled programs
             params = tuple(st["weights"] for st in states) + (self._zero,) * pad
             grads = tuple(st["grads"] if st["grads"] is not None else self._zero for st in states) + (self._zero,) * pad
-            opt = tuple(st["opt_state"] if st["opt_state"] is not None else init_opt_state(st["weights"])
+            opt = tuple(st["opt_state"] if st["opt_state"] is not None else self.placement.new_opt_state(st["weights"])
                         for st in states) + (self._zero_opt_state,) * pad
             hps = tuple(r.hp for _, r in batch) + (self._zero_hp,) * pad
             new_params, new_opt, step_metrics = self._steps.optim(params, grads, opt, hps)
@@ -306,7 +320,7 @@ class Engine:
         live = self.snapshots.try_acquire(snapshot_id)
         if live is not None:
             return live
-        weights = jax.tree.map(lambda w: jnp.asarray(w, self._dtype), weights)
+        weights = self.placement.adapter(weights, self._dtype)
         require_finite(weights, f"sampler weights {snapshot_id!r}", "the saved adapter is corrupt")
         return self.snapshots.add(Snapshot(snapshot_id, adapter_id, version, weights, scale))
 
@@ -353,6 +367,7 @@ class Engine:
         for i, r in enumerate(requests):
             tokens[i, : len(r.tokens)], rows[i] = r.tokens, group[r.snapshot_id]
         kb = min(bucket(k, 4), self.model_config.vocab_size)
+        rows, tokens = self.placement.batch((rows, tokens))
         ids, lps = self._topk(self._base, weights, scales, rows, tokens, k=kb)
         ids, lps = np.asarray(ids)[..., :k], np.asarray(lps)[..., :k]
         out = []
@@ -365,7 +380,7 @@ class Engine:
     def _topk_impl(self, base, adapters, scales, rows, tokens, *, k):
         self.compile_counts["topk"] += 1
         model = nnx.merge(self._graphdef, base)
-        logits = model(tokens, hook=make_hook(LoraBank(stack_adapters(adapters), scales), rows))
+        logits = model(tokens, hook=self.placement.hook(LoraBank(stack_adapters(adapters), scales), rows))
         values, ids = jax.lax.top_k(logits, k)
         return ids, values - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
 

@@ -40,12 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from framework.engine.placement import Placement
 from framework.engine.prefix_cache import PrefixCache
 from framework.engine.requests import SampledRow, SampleJob, SampleResult, TopK
 from framework.engine.shapes import bucket
 from framework.engine.snapshots import NoFreeSlot, Snapshot, SnapshotRegistry
 from framework.sampling import RowParams, choose_tokens, sample_keys, truncate_at_stop_strings
-from lora import LoraBank, make_hook
+from lora import LoraBank
 from models.kv_cache import KVCache, decode_step, extend
 
 logger = logging.getLogger(__name__)
@@ -126,8 +127,10 @@ class DecodeLoop:
     def __init__(self, *, graphdef: Any, base: Any, model_config: Any, dtype: Any, registry: SnapshotRegistry,
                  prefix_cache: PrefixCache, max_rows: int, chunk: int, min_capacity: int,
                  prompt_extras: Callable[[SampleJob], tuple[np.ndarray | None, TopK | None]],
-                 compile_counts: collections.Counter[str], continuous: bool = True, prefill_once: bool = True):
+                 compile_counts: collections.Counter[str], placement: Placement, continuous: bool = True,
+                 prefill_once: bool = True):
         self._graphdef, self._base = graphdef, base
+        self._placement = placement
         self._config, self._dtype = model_config, dtype
         self._registry, self._prefix = registry, prefix_cache
         self.max_rows, self.chunk, self._min_capacity = max_rows, chunk, min_capacity
@@ -146,8 +149,10 @@ class DecodeLoop:
         self._chunk = jax.jit(self._chunk_impl, static_argnames=("steps", "topk"), donate_argnames=("cache", "logits"))
         self._admit = jax.jit(self._admit_impl, donate_argnames=("cache", "logits"))
         self._resize = jax.jit(self._resize_impl, static_argnames=("rows", "capacity"))
-        self._place = jax.jit(_place_entry, donate_argnames=("cache",))
-        self._extract = jax.jit(_extract_entry, static_argnames=("length",))
+        self._place = jax.jit(lambda cache, kv, row: placement.constrain_cache(_place_entry(cache, kv, row)),
+                              donate_argnames=("cache",))
+        self._extract = jax.jit(lambda cache, row, length: placement.constrain_prefix_entry(
+            _extract_entry(cache, row, length=length)), static_argnames=("length",))
 
     # ------------------------------------------------------------------------------- interface
     def submit(self, job: SampleJob, snapshot: Snapshot, future: Future) -> None:
@@ -274,7 +279,7 @@ class DecodeLoop:
         self._ensure_pool(self.active_rows + new_rows, need_capacity, stop_width)
 
         p = bucket(len(prompts))
-        temp = KVCache.empty(self._config, p, self._capacity, self._dtype)
+        temp = self._placement.empty_cache(self._config, p, self._capacity, self._dtype)
         tokens = np.zeros((p, suffix_len), np.int32)
         start, lengths, prompt_slots = np.zeros(p, np.int32), np.ones(p, np.int32), np.zeros(p, np.int32)
         for i, (running, entry, shared) in enumerate(prompts):
@@ -300,6 +305,7 @@ class DecodeLoop:
                 k += 1
             running.next_sample += n
         bank = self._registry.bank
+        prompt_slots, tokens, start, lengths = self._placement.batch((prompt_slots, tokens, start, lengths))
         self._cache, self._logits, temp = self._admit(self._base, bank.weights, bank.scales, prompt_slots, temp,
                                                       tokens, start, lengths, self._cache, self._logits, dest, src)
         self.stats["prefill_tokens"] += int(lengths[: len(prompts)].sum())
@@ -341,8 +347,8 @@ class DecodeLoop:
             capacity = max(capacity, self._capacity)
         stop_width = max(stop_width, self._stop_width)
         if self._cache is None:
-            self._cache = KVCache.empty(self._config, rows, capacity, self._dtype)
-            self._logits = jnp.zeros((rows, self._config.vocab_size), jnp.float32)
+            self._cache = self._placement.empty_cache(self._config, rows, capacity, self._dtype)
+            self._logits = self._placement.zeros_rows((rows, self._config.vocab_size), jnp.float32)
         else:
             index = np.full(rows, -1, np.int32)
             index[: len(occupied)] = occupied
@@ -471,7 +477,7 @@ class DecodeLoop:
         self.compile_counts["decode"] += 1
         model = self._model(base)
         bank = LoraBank(jax.tree.map(lambda w: w[:, used], bank_weights), bank_scales[used])
-        hook = make_hook(bank, slot)
+        hook = self._placement.hook(bank, slot)
         params = RowParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=budget,
                            keys=jax.random.wrap_key_data(key_data), stop_tokens=stop)
         rows = counts.shape[0]
@@ -512,15 +518,16 @@ class DecodeLoop:
 
         carry = (jnp.int32(0), cache, logits, counts, active, jnp.zeros_like(active), out)
         steps_run, cache, logits, counts, active, hit, out = jax.lax.while_loop(cond, body, carry)
-        return {**out, "cache": cache, "logits": logits, "counts": counts, "active": active, "hit": hit,
-                "steps": steps_run}
+        place = self._placement
+        return {**out, "cache": place.constrain_cache(cache), "logits": place.constrain_rows(logits), "counts": counts,
+                "active": active, "hit": hit, "steps": steps_run}
 
     def _admit_impl(self, base, bank_weights, bank_scales, prompt_slots, temp, tokens, start, lengths, cache, logits,
                     dest, src):
         """Prefill the prompts into `temp` (after any cached prefix), then copy each into its pool rows."""
         self.compile_counts["prefill"] += 1
         model = self._model(base)
-        hook = make_hook(LoraBank(bank_weights, bank_scales), prompt_slots)
+        hook = self._placement.hook(LoraBank(bank_weights, bank_scales), prompt_slots)
         last_logits, temp = extend(model, tokens, start, lengths, temp, hook=hook)
 
         def scatter(pool, new):
@@ -528,7 +535,8 @@ class DecodeLoop:
 
         cache = KVCache(tuple(map(scatter, cache.keys, temp.keys)), tuple(map(scatter, cache.values, temp.values)),
                         scatter(cache.lengths, temp.lengths))
-        return cache, scatter(logits, last_logits), temp
+        place = self._placement
+        return place.constrain_cache(cache), place.constrain_rows(scatter(logits, last_logits)), temp
 
     def _resize_impl(self, cache, logits, index, *, rows: int, capacity: int):
         """A pool of `rows` x `capacity` holding old rows `index` (-1: empty) at rows 0.. (truncating or
@@ -545,8 +553,9 @@ class DecodeLoop:
             return out[:, :, :capacity]
 
         lengths = jnp.where(valid, cache.lengths[safe], 0)
-        return (KVCache(tuple(map(move, cache.keys)), tuple(map(move, cache.values)), lengths),
-                jnp.where(valid[:, None], logits[safe], 0.0))
+        place = self._placement
+        return (place.constrain_cache(KVCache(tuple(map(move, cache.keys)), tuple(map(move, cache.values)), lengths)),
+                place.constrain_rows(jnp.where(valid[:, None], logits[safe], 0.0)))
 
 
 def _place_entry(cache: KVCache, kv: jax.Array, row: jax.Array) -> KVCache:

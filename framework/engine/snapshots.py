@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +66,9 @@ def _write_slot(weights: LoraWeights, scales: jax.Array, slot: jax.Array, adapte
 class SnapshotRegistry:
     """Every live snapshot of one engine, and the sampler bank."""
 
-    def __init__(self, bank: LoraBank):
+    def __init__(self, bank: LoraBank, place: Callable[[LoraBank], LoraBank] = lambda bank: bank):
+        """`place` keeps the bank in its sharding after a slot write (`Placement.bank`)."""
+        self._place = place
         self._lock = threading.Lock()
         self._releases: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._snapshots: dict[str, Snapshot] = {BASE: Snapshot(BASE, None, 0, None, 0.0, refs=1)}
@@ -178,7 +180,7 @@ class SnapshotRegistry:
             slot = free.pop() if free else self._slot_of.pop(evictable.pop(0))
             weights, scales = _write_slot(self.bank.weights, self.bank.scales, jnp.int32(slot), snapshot.weights,
                                           jnp.float32(snapshot.scale))
-            self.bank = LoraBank(weights, scales)
+            self.bank = self._place(LoraBank(weights, scales))
             self._slot_of[sid] = slot
             self.slot_loads += 1
         for sid in wanted:

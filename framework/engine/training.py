@@ -26,9 +26,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from framework.engine.packing import Batch
+from framework.engine.placement import Placement
 from framework.losses import LOSSES
 from framework.optim import adamw_step
-from lora import LoraBank, LoraWeights, make_hook
+from lora import LoraBank, LoraWeights
 from models import token_logprobs
 
 
@@ -50,13 +51,15 @@ _METRIC_REDUCTION = {"logprob_gap_sum": "sum", "logprob_gap_max": "max", "logpro
 class TrainingSteps:
     """The jitted steps of one engine (state-free: the engine passes everything in)."""
 
-    def __init__(self, graphdef: Any, compile_counts: collections.Counter[str], custom_capacity: int):
+    def __init__(self, graphdef: Any, compile_counts: collections.Counter[str], custom_capacity: int,
+                 placement: Placement):
         self._graphdef = graphdef
+        self._placement = placement
         self.compile_counts = compile_counts
         self.forward = jax.jit(self._forward_impl, static_argnames=("loss_name", "num_datums"))
         self.forward_backward = jax.jit(self._forward_backward_impl, static_argnames=("loss_name", "num_datums"))
         self.optim = jax.jit(self._optim_impl)
-        self.accumulate = jax.jit(lambda acc, g: jax.tree.map(jnp.add, acc, g))
+        self.accumulate = jax.jit(lambda acc, g: placement.constrain_adapter(jax.tree.map(jnp.add, acc, g)))
         self._custom: collections.OrderedDict[Any, Any] = collections.OrderedDict()
         self._custom_seen: collections.OrderedDict[Any, int] = collections.OrderedDict()
         self._custom_capacity = custom_capacity
@@ -65,7 +68,7 @@ class TrainingSteps:
     # ------------------------------------------------------------------------------ built-in losses
     def _logprobs(self, base, adapters, scales, batch_arrays) -> jax.Array:
         model = nnx.merge(self._graphdef, base)
-        hook = make_hook(LoraBank(stack_adapters(adapters), scales), batch_arrays["row_group"])
+        hook = self._placement.hook(LoraBank(stack_adapters(adapters), scales), batch_arrays["row_group"])
         logits = model(batch_arrays["tokens"], batch_arrays["positions"], hook=hook,
                        segment_ids=batch_arrays.get("segments"))
         return token_logprobs(logits, batch_arrays["inputs"]["target_tokens"])
@@ -96,7 +99,7 @@ class TrainingSteps:
             return total, (logprobs, loss, metrics)
 
         grads, (logprobs, loss, metrics) = jax.grad(objective, has_aux=True)(adapters)
-        return grads, logprobs, loss, metrics
+        return tuple(map(self._placement.constrain_adapter, grads)), logprobs, loss, metrics
 
     # ---------------------------------------------------------------------------------- custom loss
     def custom_step(self, loss: Any, out_tree: Any, lengths: tuple[int, ...]) -> Any:
@@ -131,21 +134,23 @@ class TrainingSteps:
         rows = jnp.zeros((tokens.shape[0],), jnp.int32)
 
         def objective(adapter):
-            hook = make_hook(LoraBank(stack_adapters([adapter]), scale[None]), rows)
+            hook = self._placement.hook(LoraBank(stack_adapters([adapter]), scale[None]), rows)
             logprobs = token_logprobs(model(tokens, hook=hook), targets)
             outs = jax.core.eval_jaxpr(jaxpr, consts, *[logprobs[i, :n] for i, n in enumerate(lengths)])
             value, metrics = jax.tree.unflatten(out_tree, outs)
             return value, (logprobs, value, metrics)
 
         grads, (logprobs, value, metrics) = jax.grad(objective, has_aux=True)(adapter)
-        return grads, logprobs, value, metrics
+        return self._placement.constrain_adapter(grads), logprobs, value, metrics
 
     # --------------------------------------------------------------------------------------- AdamW
     def _optim_impl(self, params, grads, opt_states, hps):
         """AdamW on K adapters at once (tuples of K); each adapter's update reads only its own state."""
         self.compile_counts["optim_step"] += 1
         out = [adamw_step(p, g, s, hp) for p, g, s, hp in zip(params, grads, opt_states, hps, strict=True)]
-        return tuple(o[0] for o in out), tuple(o[1] for o in out), tuple(o[2] for o in out)
+        place = self._placement
+        return (tuple(place.constrain_adapter(o[0]) for o in out),
+                tuple(place.constrain_opt_state(o[1], o[0]) for o in out), tuple(o[2] for o in out))
 
 
 def batch_arrays(batch: Batch) -> dict[str, Any]:
