@@ -21,7 +21,7 @@ the single-device engine compiles exactly what it did before meshes existed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -52,6 +52,7 @@ class Placement:
         self.mesh = make_mesh(mesh, devices)
         self.rules = MeshRules.for_model(self.mesh, model_config)
         self.sharded = self.mesh.size > 1
+        self._zeros: dict[tuple, Callable[[], Any]] = {}
 
     def describe(self) -> str:
         """e.g. `8 cpu devices: data=1 fsdp=4 tp=2`."""
@@ -114,15 +115,22 @@ class Placement:
         """A zero KV cache, created in its shards (never whole on one device first)."""
         if not self.sharded:
             return KVCache.empty(config, rows, capacity, dtype)
-        abstract = jax.eval_shape(lambda: KVCache.empty(config, rows, capacity, dtype))
-        return jax.jit(lambda: KVCache.empty(config, rows, capacity, dtype),
-                       out_shardings=self.rules.kv_cache_shardings(abstract))()
+        return self._zeros_fn(("cache", rows, capacity, jnp.dtype(dtype).name),
+                              lambda: KVCache.empty(config, rows, capacity, dtype), self.rules.kv_cache_shardings)()
 
     def zeros_rows(self, shape: tuple[int, ...], dtype: Any) -> jax.Array:
         """A zero `[rows, ...]` array split by rows (the decode pool's logits)."""
         if not self.sharded:
             return jnp.zeros(shape, dtype)
-        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.rules.batch_sharding(shape))()
+        return self._zeros_fn(("rows", shape, jnp.dtype(dtype).name), lambda: jnp.zeros(shape, dtype),
+                              lambda x: self.rules.batch_sharding(x.shape))()
+
+    def _zeros_fn(self, key: tuple, make: Callable[[], Any], shardings: Callable[[Any], Any]) -> Callable[[], Any]:
+        """`make`, jitted once per key to create its output in its shards."""
+        fn = self._zeros.get(key)
+        if fn is None:
+            fn = self._zeros[key] = jax.jit(make, out_shardings=shardings(jax.eval_shape(make)))
+        return fn
 
     # ----------------------------------------------------------------------------------- batches
     def batch(self, tree: Any) -> Any:
