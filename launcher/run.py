@@ -122,11 +122,20 @@ def describe(cfg: DictConfig, run_dir: Path) -> list[str]:
     size = f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.2f}M"
     devices = jax.devices()
     kinds = sorted({d.device_kind for d in devices})
+    mesh = ""
+    if cfg.client.kind == "local":
+        from framework.sharding import MESH_AXES, MeshConfig
+
+        try:
+            shape = MeshConfig(**cfg.mesh).shape(len(devices))
+            mesh = ", mesh " + " ".join(f"{a}={n}" for a, n in zip(MESH_AXES, shape, strict=True))
+        except ValueError as error:
+            raise ConfigError(f"mesh: {error}") from None
     return [
         f"{cfg.name}: recipe {cfg.recipe}, {cfg.max_steps} steps, LoRA rank {cfg.lora.rank}, "
         f"{cfg.client.kind} engine",
         f"model: {cfg.model.name} ({model_config.model_type}, {size} parameters) from {cfg.model.path}",
-        f"devices: {len(devices)} × {', '.join(kinds)} (jax {jax.__version__})",
+        f"devices: {len(devices)} × {', '.join(kinds)} (jax {jax.__version__})" + (mesh if len(devices) > 1 else ""),
         f"run directory: {_relative(run_dir)} (metrics.jsonl, metrics.png, checkpoints/)",
     ]
 
@@ -191,7 +200,7 @@ def make_service(cfg: DictConfig, home: Path) -> Any:
     engine = EngineConfig(max_adapters=cfg.client.max_adapters, max_rank=max(cfg.client.max_rank, cfg.lora.rank),
                           sampler_slots=cfg.client.sampler_slots, dtype=dtype,
                           min_seq_bucket=cfg.client.min_seq_bucket, max_seq_len=cfg.model.max_seq_len,
-                          mesh=MeshConfig(**cfg.mesh))
+                          mesh=MeshConfig(**cfg.mesh), remat=cfg.model.remat)
     return ServiceClient(engine_config=engine, home=home)
 
 

@@ -18,7 +18,7 @@ import pytest
 from framework import ServiceClient, types
 from framework.engine import Engine, EngineConfig, ForwardRequest, OptimRequest, SampleJob
 from framework.optim import AdamHyperparams
-from framework.scheduler import SchedulerClosed
+from framework.scheduler import Scheduler, SchedulerClosed
 
 BASE = "qwen2_tied"
 VOCAB = 301
@@ -497,8 +497,6 @@ def test_a_failed_admission_fails_its_requests_and_releases_their_snapshots(base
 def test_a_failed_batch_of_optim_steps_steps_no_adapter_twice(base_model, monkeypatch):
     """A, B, A in one batch: the second compiled call fails once; the scheduler retries each alone and
     every adapter ends with exactly the steps it was asked for."""
-    from framework.scheduler import Scheduler
-
     engine = Engine(base_model, EngineConfig(max_rank=8))
     a, b = (engine.create_adapter(rank=4, seed=s).adapter_id for s in (1, 2))
     real = engine._steps.optim
@@ -589,3 +587,48 @@ def test_a_checkpoint_read_does_not_hold_up_other_tenants(base_model, tmp_path, 
         release.set()
         loaded.result(60)
         assert after_load.result(60).metrics["loss:sum"] == pytest.approx(loss_at_one, rel=1e-6)
+
+
+def test_remat_and_attention_kernel_settings_keep_the_gradients(base_model):
+    """EngineConfig.remat recomputes layers in the backward pass and EngineConfig.attention picks the
+    kernel of unpacked rows (here XLA's fused `dot_product_attention`): same losses and gradients."""
+    from framework.validation import datums_to_arrays
+
+    rng = np.random.default_rng(3)
+    unpacked, _ = datums_to_arrays([datum(rng, 30), datum(rng, 17)], "cross_entropy", None, vocab_size=VOCAB,
+                                   max_seq_len=64)
+    results = {}
+    for name, config in {"default": EngineConfig(max_rank=8, pack=False),
+                         "remat_xla": EngineConfig(max_rank=8, pack=False, remat="full", attention="xla")}.items():
+        engine = Engine(base_model, config)
+        a = engine.create_adapter(rank=8, seed=1)
+        (out,) = engine.forward([ForwardRequest(a.adapter_id, unpacked, "cross_entropy")], backward=True)
+        results[name] = (out.loss, jax.device_get(a.grads))
+        assert engine._steps._remat == config.remat
+    assert results["default"][0] == pytest.approx(results["remat_xla"][0], rel=1e-5)
+    for g, h in zip(jax.tree.leaves(results["default"][1]), jax.tree.leaves(results["remat_xla"][1]), strict=True):
+        np.testing.assert_allclose(h, g, rtol=1e-4, atol=1e-6)
+    assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(results["default"][1]))
+
+
+def test_an_idle_worker_waits_for_the_end_of_a_burst():
+    """Requests that keep arriving within the batch window of each other share one batch, even when
+    the burst lasts longer than one window; a request after a quiet window starts a new batch."""
+    batches: list[list[int]] = []
+    scheduler = Scheduler(batch_window_s=0.1)
+    try:
+
+        def run(payloads):
+            batches.append(list(payloads))
+            return list(payloads)
+
+        futures = []
+        for i in range(6):  # 6 arrivals 30 ms apart: 150 ms, longer than a window, no gap as long as one
+            futures.append(scheduler.submit(run, i, adapter_id=f"a{i}", batch_key="k"))
+            time.sleep(0.03)
+        assert [f.result(10) for f in futures] == list(range(6))
+        time.sleep(0.3)
+        assert scheduler.submit(run, 6, adapter_id="a6", batch_key="k").result(10) == 6
+        assert batches == [[0, 1, 2, 3, 4, 5], [6]]
+    finally:
+        scheduler.shutdown()

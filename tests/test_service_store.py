@@ -78,3 +78,22 @@ def test_futures_pending_at_a_restart_fail_and_old_ones_are_purged(tmp_path):
     assert store.purge_futures(st.utcnow() - dt.timedelta(days=7)) == 1
     assert store.get(st.FutureRow, "b") is None and store.get(st.FutureRow, "a") is not None
     store.close()
+
+
+@pytest.mark.parametrize(("mesh", "message"), [("tp=x", "expected AXIS=N"), ("pp=2", "one of data, fsdp, tp"),
+                                                ("tp=0", "MeshConfig.tp must be a positive integer")])
+def test_a_bad_mesh_flag_is_refused_with_what_to_write(mesh, message, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "service", "--base-model", str(tmp_path), "--mesh", mesh],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "argument --mesh" in done.stderr and message in done.stderr, done.stderr
+
+
+def test_the_mesh_flag_reads_every_axis():
+    from framework.sharding import MeshConfig
+    from service.__main__ import parse_mesh
+
+    assert parse_mesh("fsdp=-1") == MeshConfig()
+    assert parse_mesh("fsdp=4, tp=2") == MeshConfig(fsdp=4, tp=2)
+    assert parse_mesh("tp=-1") == MeshConfig(fsdp=1, tp=-1)  # the rest goes to tp, not also to fsdp
+    assert parse_mesh("data=2,tp=-1") == MeshConfig(data=2, fsdp=1, tp=-1)

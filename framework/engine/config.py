@@ -11,6 +11,8 @@ import dataclasses
 
 from framework.sharding import MeshConfig
 from lora import ALL_TARGETS
+from models.fused_attention import ATTENTION_NAMES
+from models.remat import REMAT_NAMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,10 @@ class EngineConfig:
     # prefill per sampled row instead of one per request.
     continuous_batching: bool = True
     prefill_once: bool = True
+    remat: str = "none"  # rematerialisation of each layer in training steps: none | full | dots (models.remat)
+    # Attention kernel for training and forward passes: auto = cuDNN flash on GPU, Pallas splash on TPU,
+    # the reference XLA path on CPU (models.fused_attention); packed rows always take the masked path.
+    attention: str = "auto"
     # The device mesh: by default every visible device along `fsdp` (one device: no sharding at all).
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
@@ -51,5 +57,9 @@ class EngineConfig:
         if self.max_batch_tokens < self.min_seq_bucket:
             raise ValueError(f"max_batch_tokens must be >= min_seq_bucket ({self.min_seq_bucket}), "
                              f"got {self.max_batch_tokens}")
+        if self.remat not in REMAT_NAMES:
+            raise ValueError(f"remat must be one of {', '.join(REMAT_NAMES)}, got {self.remat!r}")
+        if self.attention not in ATTENTION_NAMES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_NAMES)}, got {self.attention!r}")
         if self.prefix_cache_mb < 0:
             raise ValueError(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")

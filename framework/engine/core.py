@@ -86,7 +86,8 @@ class Engine:
             self.model_config, self.config.sampler_slots + 1, self.config.max_rank, targets=self.config.targets,
             dtype=self._dtype)), place=self.placement.bank)
         self.prefix_cache = PrefixCache(int(self.config.prefix_cache_mb * 2**20))
-        self._steps = TrainingSteps(self._graphdef, self.compile_counts, self.config.custom_steps, self.placement)
+        self._steps = TrainingSteps(self._graphdef, self.compile_counts, self.config.custom_steps, self.placement,
+                                    remat=self.config.remat, attention=self.config.attention)
         self.decoder = DecodeLoop(graphdef=self._graphdef, base=self._base, model_config=self.model_config,
                                   dtype=self._dtype, registry=self.snapshots, prefix_cache=self.prefix_cache,
                                   placement=self.placement,

@@ -33,8 +33,9 @@ from framework.optim import init_opt_state
 from framework.sharding import MeshConfig, MeshRules, make_mesh
 from lora import LoraBank, LoraWeights, make_hook
 from models import ModelConfig, axes
+from models.fused_attention import causal_attention_fn, splash_attention
 from models.kv_cache import KVCache
-from models.transformer import LinearHook
+from models.transformer import LinearHook, causal_attention
 
 PREFIX_ENTRY_AXES: axes.LogicalAxes = (None, None, axes.CACHE_KV_HEADS, axes.CACHE_LENGTH, axes.HEAD_DIM)
 """A prefix-cache entry `[L, 2 (keys, values), K, n, H]`."""
@@ -138,6 +139,15 @@ class Placement:
         if not self.sharded:
             return tree
         return jax.device_put(tree, self.rules.batch_shardings(tree))
+
+    def attention(self, name: str) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None:
+        """The attention kernel `name` for this mesh's backend (None: the model's own masked path)."""
+        kernel = causal_attention_fn(name, self.mesh.devices.flat[0].platform)
+        if kernel is causal_attention:
+            return None
+        if kernel is splash_attention and self.sharded:  # a per-device kernel XLA cannot partition
+            return self.rules.shard_attention(kernel)
+        return kernel
 
     # --------------------------------------------------------------------- inside compiled steps
     def hook(self, bank: LoraBank, rows: jax.Array) -> LinearHook:

@@ -52,9 +52,13 @@ class TrainingSteps:
     """The jitted steps of one engine (state-free: the engine passes everything in)."""
 
     def __init__(self, graphdef: Any, compile_counts: collections.Counter[str], custom_capacity: int,
-                 placement: Placement):
+                 placement: Placement, *, remat: str = "none", attention: str = "auto"):
+        """`remat`: each layer's rematerialisation in backward passes (`models.remat`); `attention`: the
+        kernel of unpacked rows (`models.fused_attention`; packed rows take the masked path)."""
         self._graphdef = graphdef
         self._placement = placement
+        self._remat = remat
+        self._attend = placement.attention(attention)
         self.compile_counts = compile_counts
         self.forward = jax.jit(self._forward_impl, static_argnames=("loss_name", "num_datums"))
         self.forward_backward = jax.jit(self._forward_backward_impl, static_argnames=("loss_name", "num_datums"))
@@ -66,11 +70,12 @@ class TrainingSteps:
         self._lock = threading.Lock()  # `wants_custom_step` runs on client threads
 
     # ------------------------------------------------------------------------------ built-in losses
-    def _logprobs(self, base, adapters, scales, batch_arrays) -> jax.Array:
+    def _logprobs(self, base, adapters, scales, batch_arrays, remat: str = "none") -> jax.Array:
         model = nnx.merge(self._graphdef, base)
         hook = self._placement.hook(LoraBank(stack_adapters(adapters), scales), batch_arrays["row_group"])
-        logits = model(batch_arrays["tokens"], batch_arrays["positions"], hook=hook,
-                       segment_ids=batch_arrays.get("segments"))
+        segments = batch_arrays.get("segments")
+        logits = model(batch_arrays["tokens"], batch_arrays["positions"], hook=hook, segment_ids=segments,
+                       remat=remat, attention=self._attend if segments is None else None)
         return token_logprobs(logits, batch_arrays["inputs"]["target_tokens"])
 
     @staticmethod
@@ -94,7 +99,7 @@ class TrainingSteps:
         self.compile_counts["forward_backward"] += 1
 
         def objective(adapters):
-            logprobs = self._logprobs(base, adapters, scales, batch_arrays)
+            logprobs = self._logprobs(base, adapters, scales, batch_arrays, self._remat)
             total, loss, metrics = self._loss(loss_name, logprobs, batch_arrays, num_datums)
             return total, (logprobs, loss, metrics)
 
@@ -135,7 +140,7 @@ class TrainingSteps:
 
         def objective(adapter):
             hook = self._placement.hook(LoraBank(stack_adapters([adapter]), scale[None]), rows)
-            logprobs = token_logprobs(model(tokens, hook=hook), targets)
+            logprobs = token_logprobs(model(tokens, hook=hook, remat=self._remat, attention=self._attend), targets)
             outs = jax.core.eval_jaxpr(jaxpr, consts, *[logprobs[i, :n] for i, n in enumerate(lengths)])
             value, metrics = jax.tree.unflatten(out_tree, outs)
             return value, (logprobs, value, metrics)
