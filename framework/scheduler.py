@@ -3,7 +3,8 @@
 Rules (written down because correctness depends on them):
 1. Requests of one adapter run in submission order. A request may be batched with earlier-queued
    requests of *other* adapters, but never jumps over an earlier pending request of its own adapter:
-   an `optim_step` or a weight load is a barrier for its adapter only.
+   an `optim_step` or a weight load is a barrier for its adapter only. A `priority` request (cheap,
+   waited on: publishing a snapshot) goes ahead of other adapters' queued work, never of its own.
 2. Requests whose `batch_key` is equal (e.g. `("forward_backward", "ppo")`) and that are all at the
    head of their adapter's queue run as one engine call (an idle worker woken by such a request
    waits for the rest of its burst: until none has come for `batch_window_s`), up to `max_batch_rows` rows,
@@ -102,25 +103,33 @@ class Scheduler:
                 "errors": self.errors, "queue_wait_seconds_mean": self.queue_wait_seconds / max(self.requests_run, 1)}
 
     def submit(self, run: BatchFn, payload: Any, *, adapter_id: str | None = None,
-               batch_key: Hashable | None = None, rows: int = 1, tokens: int = 0, ready: Future | None = None
-               ) -> Future:
+               batch_key: Hashable | None = None, rows: int = 1, tokens: int = 0, ready: Future | None = None,
+               priority: bool = False) -> Future:
         """Queue `payload` for `run`. Requests with equal `batch_key` may run as one `run` call (the first
         request's), so a key must imply the function: e.g. `("forward_backward", loss_name)`. With
         `ready`, the request (and its adapter's later ones) waits until that future is done, without
-        holding up anyone else: disk reads happen off the worker, in the adapter's order."""
+        holding up anyone else: disk reads happen off the worker, in the adapter's order. A `priority`
+        request (something cheap that a client waits on, e.g. publishing a snapshot) goes ahead of
+        other adapters' queued work, never ahead of its own adapter's."""
         request = _Request(adapter_id, batch_key, run, payload, Future(), rows, tokens, ready)
         with self._cond:
             if self._closed:
                 raise SchedulerClosed("the engine's scheduler is shut down")
-            self._pending.append(request)
+            if priority:
+                own = [i for i, r in enumerate(self._pending) if r.adapter_id == adapter_id]
+                self._pending.insert(own[-1] + 1 if own else 0, request)
+            else:
+                self._pending.append(request)
             self._cond.notify()
         if ready is not None:
             ready.add_done_callback(lambda _: self._notify())
         return request.future
 
-    def call(self, fn: Callable[[], Any], *, adapter_id: str | None = None, ready: Future | None = None) -> Future:
+    def call(self, fn: Callable[[], Any], *, adapter_id: str | None = None, ready: Future | None = None,
+             priority: bool = False) -> Future:
         """Run `fn()` alone on the worker, in order with the adapter's other requests."""
-        return self.submit(lambda payloads: [payloads[0]()], fn, adapter_id=adapter_id, ready=ready)
+        return self.submit(lambda payloads: [payloads[0]()], fn, adapter_id=adapter_id, ready=ready,
+                           priority=priority)
 
     def _notify(self) -> None:
         with self._cond:

@@ -250,7 +250,9 @@ class TrainingClient:
         if name is not None:
             self.save_weights_for_sampler(name).result()
         engine = self._engine
-        snapshot = self._scheduler.call(lambda: engine.publish(self.model_id), adapter_id=self.model_id).result()
+        # Publishing copies nothing: it goes ahead of other tenants' queued steps (not of this adapter's).
+        snapshot = self._scheduler.call(lambda: engine.publish(self.model_id), adapter_id=self.model_id,
+                                        priority=True).result()
         return SamplingClient(self.service, self.base_model, snapshot.snapshot_id, version=snapshot.version)
 
     def create_sampling_client(self, model_path: str) -> SamplingClient:

@@ -632,3 +632,23 @@ def test_an_idle_worker_waits_for_the_end_of_a_burst():
         assert batches == [[0, 1, 2, 3, 4, 5], [6]]
     finally:
         scheduler.shutdown()
+
+
+def test_a_priority_call_overtakes_other_adapters_but_never_its_own():
+    order: list[str] = []
+    scheduler = Scheduler()
+    try:
+        gate = threading.Event()
+        blocker = scheduler.call(lambda: gate.wait(30))
+        while not blocker.running():
+            time.sleep(0.001)
+        queued = [scheduler.call(lambda n=n: order.append(n), adapter_id=a)
+                  for n, a in (("x1", "x"), ("y1", "y"), ("x2", "x"))]
+        queued.append(scheduler.call(lambda: order.append("z-publish"), adapter_id="z", priority=True))
+        queued.append(scheduler.call(lambda: order.append("y-publish"), adapter_id="y", priority=True))
+        gate.set()
+        [f.result(10) for f in queued]
+        # z has nothing queued: first; y's publish waits for y1 only, not for x2
+        assert order == ["z-publish", "x1", "y1", "y-publish", "x2"]
+    finally:
+        scheduler.shutdown()
