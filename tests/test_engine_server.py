@@ -652,3 +652,23 @@ def test_a_priority_call_overtakes_other_adapters_but_never_its_own():
         assert order == ["z-publish", "x1", "y1", "y-publish", "x2"]
     finally:
         scheduler.shutdown()
+
+
+def test_long_rows_bucket_to_three_quarter_steps():
+    """Rows past 256 tokens take the smaller of the next power of two and its three quarters: less than a
+    third padding (not up to half), still multiples of 128; short rows keep powers of two (and the minimum)."""
+    from framework.engine.packing import layout
+    from framework.engine.requests import DatumArrays
+    from framework.engine.shapes import length_bucket
+
+    assert [length_bucket(n, 32) for n in (1, 33, 200, 257, 384, 385, 513, 769, 1025)] == \
+        [32, 64, 256, 384, 384, 512, 768, 1024, 1536]
+    for n in range(1, 5000, 7):
+        t = length_bucket(n, 32)
+        assert t >= n
+        if t > 256:
+            assert t % 128 == 0 and (t - n) / t < 1 / 3, (n, t)
+    ids = np.arange(281, dtype=np.int32) % VOCAB
+    datums = [DatumArrays(ids[:-1], {"target_tokens": ids[1:], "weights": np.ones(280, np.float32)})] * 2
+    batch = layout([0, 1], datums, [{}, {}], ("target_tokens", "weights"), min_bucket=32, pack=True)
+    assert batch.tokens.shape == (2, 384)

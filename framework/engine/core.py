@@ -47,7 +47,7 @@ from framework.engine.requests import (
     SampleResult,
     TopK,
 )
-from framework.engine.shapes import bucket
+from framework.engine.shapes import bucket, length_bucket
 from framework.engine.snapshots import BASE, Snapshot, SnapshotRegistry, require_finite
 from framework.engine.training import TrainingSteps, batch_arrays, stack_adapters
 from framework.losses import LOSSES
@@ -233,7 +233,7 @@ class Engine:
         adapter = self.adapters.ensure_resident([request.adapter_id])[0]
         lengths = tuple(len(d.tokens) for d in request.datums)
         step = self._steps.custom_step(request.loss, request.out_tree, lengths)
-        b, t = bucket(len(lengths)), bucket(max(lengths), self.config.min_seq_bucket)
+        b, t = bucket(len(lengths)), length_bucket(max(lengths), self.config.min_seq_bucket)
         tokens, targets = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
         for i, d in enumerate(request.datums):
             tokens[i, : len(d.tokens)], targets[i, : len(d.tokens)] = d.tokens, d.inputs["target_tokens"]
@@ -363,7 +363,7 @@ class Engine:
         if n > self.max_seq_len:
             raise ValueError(f"sequence length {n} exceeds the engine's max_seq_len {self.max_seq_len}")
         group, weights, scales = self._snapshot_args([r.snapshot_id for r in requests])
-        tokens = np.zeros((bucket(len(requests)), bucket(n, self.config.min_seq_bucket)), np.int32)
+        tokens = np.zeros((bucket(len(requests)), length_bucket(n, self.config.min_seq_bucket)), np.int32)
         rows = np.zeros((tokens.shape[0],), np.int32)
         for i, r in enumerate(requests):
             tokens[i, : len(r.tokens)], rows[i] = r.tokens, group[r.snapshot_id]

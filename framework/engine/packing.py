@@ -2,8 +2,8 @@
 
 Every datum belongs to one adapter group (the index of its adapter among the batch's adapters), and
 a row holds datums of one group only, so the LoRA update stays one matmul per row. Rows are `T`
-tokens, T the longest datum rounded up to a power of two (at least `min_bucket`); the row count is
-rounded up to a power of two too, so few shapes are ever compiled.
+tokens, T the longest datum rounded up to a length bucket (`shapes.length_bucket`, at least
+`min_bucket`); the row count is rounded up to a power of two, so few shapes are ever compiled.
 
 Packing puts several short datums of a group into one row (first fit, longest first) when that
 halves the row count or better. Attention never crosses datums (`segments`: the datum id of each
@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from framework.engine.requests import DatumArrays
-from framework.engine.shapes import bucket
+from framework.engine.shapes import bucket, length_bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,7 @@ def layout(groups: Sequence[int], datums: Sequence[DatumArrays], configs: Sequen
            input_keys: Sequence[str], *, min_bucket: int, pack: bool) -> Batch:
     """The rows for `datums` (datum i of adapter group `groups[i]`, with its request's loss config)."""
     lengths = [len(d.tokens) for d in datums]
-    t = bucket(max(lengths), min_bucket)
+    t = length_bucket(max(lengths), min_bucket)
     rows: list[list[int]] = [[i] for i in range(len(datums))]
     if pack and len(datums) > 1:
         packed: list[list[int]] = []
