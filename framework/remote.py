@@ -30,7 +30,7 @@ import numpy as np
 
 from framework import types
 from framework.futures import APIFuture
-from framework.training_client import _loss_cotangents
+from framework.training_client import forward_backward_two_pass
 
 
 class ServerUnavailable(ConnectionError):
@@ -203,21 +203,7 @@ class RemoteTrainingClient:
                                 ) -> APIFuture[types.ForwardBackwardOutput]:
         """A user loss of the per-token logprobs: a forward on the server, the loss and its gradient with
         respect to the logprobs here (JAX), then a backward on the server weighted by that gradient."""
-        data = list(data)
-        probe = [types.Datum(model_input=d.model_input, loss_fn_inputs={
-            "target_tokens": d.loss_fn_inputs["target_tokens"], "weights": np.zeros(d.model_input.length, np.float32)})
-            for d in data]
-        forward = self.forward(probe, "cross_entropy").result()
-        logprobs = [o["logprobs"].to_numpy().astype(np.float32) for o in forward.loss_fn_outputs]
-        loss, metrics, cotangents = _loss_cotangents(loss_fn, data, logprobs)
-        weighted = [types.Datum(model_input=d.model_input,
-                                loss_fn_inputs={"target_tokens": d.loss_fn_inputs["target_tokens"], "weights": -c})
-                    for d, c in zip(data, cotangents, strict=True)]
-
-        def finish(out: types.ForwardBackwardOutput) -> types.ForwardBackwardOutput:
-            return out.model_copy(update={"metrics": {**out.metrics, **metrics, "loss:sum": loss}})
-
-        return self.forward_backward(weighted, "cross_entropy").then(finish)
+        return forward_backward_two_pass(self, list(data), loss_fn)
 
     def optim_step(self, adam_params: types.AdamParams | None = None) -> APIFuture[types.OptimStepResponse]:
         adam = adam_params or types.AdamParams()

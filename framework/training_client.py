@@ -119,10 +119,10 @@ class TrainingClient:
         try:
             traced, out_shape = jax.make_jaxpr(lambda lps: loss_fn(data, lps), return_shape=True)(shapes)
         except (jax.errors.JAXTypeError, jax.errors.ConcretizationTypeError, TypeError):
-            return self._forward_backward_custom_vjp(data, loss_fn)
+            return forward_backward_two_pass(self, data, loss_fn)
         out_tree = jax.tree.structure(out_shape)
         if not self._engine.wants_custom_step(traced, out_tree, [len(a.tokens) for a in arrays]):
-            return self._forward_backward_custom_vjp(data, loss_fn)
+            return forward_backward_two_pass(self, data, loss_fn)
         request = CustomLossRequest(self.model_id, arrays, traced, out_tree)
         engine = self._engine
 
@@ -134,23 +134,6 @@ class TrainingClient:
                 metrics={**result.metrics, "loss:sum": result.loss})]
 
         return APIFuture(self._scheduler.submit(run, request, adapter_id=self.model_id, rows=len(arrays)))
-
-    def _forward_backward_custom_vjp(self, data: list[types.Datum], loss_fn: Callable
-                                     ) -> APIFuture[types.ForwardBackwardOutput]:
-        probe = [types.Datum(model_input=d.model_input, loss_fn_inputs={
-            "target_tokens": d.loss_fn_inputs["target_tokens"], "weights": np.zeros(d.model_input.length, np.float32)})
-            for d in data]
-        forward = self.forward(probe, "cross_entropy").result()
-        logprobs = [o["logprobs"].to_numpy().astype(np.float32) for o in forward.loss_fn_outputs]
-        loss, metrics, cotangents = _loss_cotangents(loss_fn, data, logprobs)
-        weighted = [types.Datum(model_input=d.model_input,
-                                loss_fn_inputs={"target_tokens": d.loss_fn_inputs["target_tokens"], "weights": -c})
-                    for d, c in zip(data, cotangents, strict=True)]
-
-        def finish(out: types.ForwardBackwardOutput) -> types.ForwardBackwardOutput:
-            return out.model_copy(update={"metrics": {**out.metrics, **metrics, "loss:sum": loss}})
-
-        return self.forward_backward(weighted, "cross_entropy").then(finish)
 
     # ---------------------------------------------------------------------------------- optimizer
     def optim_step(self, adam_params: types.AdamParams | None = None) -> APIFuture[types.OptimStepResponse]:
@@ -307,6 +290,27 @@ def _release_adapter(scheduler: Any, engine: Any, adapter_id: str) -> None:
     with contextlib.suppress(RuntimeError):  # a shut-down scheduler: the engine goes with it
         scheduler.call(lambda: engine.remove_adapter(adapter_id) if adapter_id in engine.adapters else None,
                        adapter_id=adapter_id)
+
+
+def forward_backward_two_pass(client: Any, data: list[types.Datum], loss_fn: Callable
+                              ) -> APIFuture[types.ForwardBackwardOutput]:
+    """`forward_backward_custom` through two ordinary passes of `client` (ours or the remote one): a
+    forward for the per-token logprobs, the loss and its gradient with respect to them here (JAX), then a
+    cross-entropy backward weighted by that gradient."""
+    probe = [types.Datum(model_input=d.model_input, loss_fn_inputs={
+        "target_tokens": d.loss_fn_inputs["target_tokens"], "weights": np.zeros(d.model_input.length, np.float32)})
+        for d in data]
+    forward = client.forward(probe, "cross_entropy").result()
+    logprobs = [o["logprobs"].to_numpy().astype(np.float32) for o in forward.loss_fn_outputs]
+    loss, metrics, cotangents = _loss_cotangents(loss_fn, data, logprobs)
+    weighted = [types.Datum(model_input=d.model_input,
+                            loss_fn_inputs={"target_tokens": d.loss_fn_inputs["target_tokens"], "weights": -c})
+                for d, c in zip(data, cotangents, strict=True)]
+
+    def finish(out: types.ForwardBackwardOutput) -> types.ForwardBackwardOutput:
+        return out.model_copy(update={"metrics": {**out.metrics, **metrics, "loss:sum": loss}})
+
+    return client.forward_backward(weighted, "cross_entropy").then(finish)
 
 
 def _loss_cotangents(loss_fn: Callable, data: list[types.Datum], logprobs: list[np.ndarray]
