@@ -9,7 +9,8 @@ maximum rank, `scale[s] = alpha / rank` of the adapter in slot s (0 for an empty
 - Targets an adapter does not train (e.g. `train_mlp=False`) are all-zero in its slot for the same
   reason, so one compiled program serves adapters with different target sets.
 - Rows of a batch carry their slot id; `make_hook` gathers each row's `A`/`B` (per row, never per
-  token) and applies the low-rank update through the models' `LinearHook`.
+  token), or for one-token decode rows multiplies by every slot under a one-hot weight, and applies
+  the low-rank update through the models' `LinearHook`.
 - Everything here is a pure function over pytrees; slots are data, so writing or clearing one never
   changes a traced shape.
 """
@@ -17,7 +18,6 @@ maximum rank, `scale[s] = alpha / rank` of the adapter in slot s (0 for an empty
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterable
 
 import jax
@@ -123,11 +123,13 @@ def read_slot(bank: LoraBank, slot: jax.Array | int) -> LoraWeights:
 
 
 ONE_HOT_MAX_SLOTS = 2
-"""One-token rows over more slots than this gather each row's adapter instead (see `make_hook`)."""
+"""Decode steps over at most this many slots run faster with `make_hook(..., one_hot=True)`: measured on
+CPU (bench Qwen3, rank 32), 8 rows of one snapshot decode ~1.6x faster one-hot than gathered, 8 rows
+of 8 snapshots ~5-10% slower (the gathered copies are loop-invariant, so a decode loop makes them once)."""
 
 
 def make_hook(
-    bank: LoraBank, slot_ids: jax.Array, *, compute_dtype: jnp.dtype | None = None,
+    bank: LoraBank, slot_ids: jax.Array, *, one_hot: bool = False, compute_dtype: jnp.dtype | None = None,
     layout: Callable[[str, str, jax.Array], jax.Array] | None = None,
 ) -> LinearHook:
     """A `LinearHook` adding each row's adapter: `slot_ids [B]` picks the slot of every batch row.
@@ -139,19 +141,26 @@ def make_hook(
     it is used: on a mesh, `framework.sharding.MeshRules.adapter_layout()` gathers it there, the way
     FSDP gathers a kernel.
 
-    Two evaluations of the same sum, chosen per call from the (static) shapes:
-    - several tokens per row (training, prefill), or one token per row over more than
-      `ONE_HOT_MAX_SLOTS` slots: gather each row's `A`/`B` and run batched matmuls;
-    - one token per row (a decode step) over at most `ONE_HOT_MAX_SLOTS` slots: multiply by every
-      slot's `A`/`B` and keep each row's own slot through a one-hot weight, reading each slot once
-      instead of once per row. The extra FLOPs (× slots, on a single token) cost less than B gathered
-      copies when the slots are few; with many (8 snapshots decoding together) they cost more
-      (measured on CPU: 8 rows of 8 snapshots decode 1.5× faster gathered, 8 rows of one snapshot
-      ~15% faster one-hot). Every slot then touches every row (0 · NaN = NaN), so banks used this
-      way must hold finite weights: the engine refuses non-finite sampler snapshots.
+    Two evaluations of the same sum:
+    - by default, gather each row's `A`/`B` and run batched matmuls: right for rows of many tokens
+      (training, prefill), where one copy of the row's adapter serves all its tokens;
+    - `one_hot=True`, for rows of one token (decode steps): every slot's `A`/`B` is laid out once, here,
+      as `[d_in, S·R]` / `[S·R, d_out]`, and each projection runs two plain matmuls over all slots, a
+      one-hot weight keeping each row's own slot: plain matmuls instead of per-row batched ones, at
+      FLOPs that grow with the slots, so it pays for few slots (`ONE_HOT_MAX_SLOTS`). Build the hook
+      outside a decode loop, so the layout is done once per loop rather than once per step. Every slot
+      then touches every row (0 · NaN = NaN), so banks used this way must hold finite weights: the
+      engine refuses non-finite sampler snapshots.
     """
+
+    def laid_out(target: str, key: str, w: jax.Array) -> jax.Array:
+        if layout is not None:
+            w = layout(target, key, w)
+        return w if compute_dtype is None else w.astype(compute_dtype)
+
+    if one_hot:
+        return _one_hot_hook(bank, slot_ids, laid_out)
     scales = bank.scales[slot_ids]
-    one_hot = jax.nn.one_hot(slot_ids, bank.num_slots, dtype=jnp.float32) * bank.scales[None, :]  # [B, S]
     # Split by layer here, once: inside a decode loop, slicing the stacked arrays in every step copies them.
     layers = {t: (list(ab["a"]), list(ab["b"])) for t, ab in bank.weights.items()}
 
@@ -159,19 +168,34 @@ def make_hook(
         if target not in layers:
             return y
         li = 0 if layer == UNEMBED_LAYER else layer
-        a, b = layers[target][0][li], layers[target][1][li]  # [S, d_in, R], [S, R, d_out]
-        if layout is not None:
-            a, b = layout(target, "a", a), layout(target, "b", b)
-        if compute_dtype is not None:
-            a, b = a.astype(compute_dtype), b.astype(compute_dtype)
-        x = x.astype(a.dtype)
-        if math.prod(x.shape[1:-1]) == 1 and bank.num_slots <= ONE_HOT_MAX_SLOTS:
-            h = jnp.einsum("b...i,sir->b...sr", x, a)
-            h = h * one_hot.reshape(one_hot.shape[:1] + (1,) * (h.ndim - 3) + (-1, 1)).astype(h.dtype)
-            return y + jnp.einsum("b...sr,sro->b...o", h, b).astype(y.dtype)
-        a, b = a[slot_ids], b[slot_ids]  # [B, d_in, R], [B, R, d_out]
-        h = jnp.einsum("b...i,bir->b...r", x, a)
+        a = laid_out(target, "a", layers[target][0][li])[slot_ids]  # [B, d_in, R]
+        b = laid_out(target, "b", layers[target][1][li])[slot_ids]  # [B, R, d_out]
+        h = jnp.einsum("b...i,bir->b...r", x.astype(a.dtype), a)
         h = h * scales.reshape((-1,) + (1,) * (h.ndim - 1)).astype(h.dtype)
         return y + jnp.einsum("b...r,bro->b...o", h, b).astype(y.dtype)
+
+    return hook
+
+
+def _one_hot_hook(bank: LoraBank, slot_ids: jax.Array,
+                  laid_out: Callable[[str, str, jax.Array], jax.Array]) -> LinearHook:
+    """`make_hook(..., one_hot=True)`."""
+    slots, rank = bank.num_slots, bank.max_rank
+    weight = jax.nn.one_hot(slot_ids, slots, dtype=jnp.float32) * bank.scales[None, :]  # [B, S]
+    flat: dict[str, tuple[list[jax.Array], list[jax.Array]]] = {}
+    for t, ab in bank.weights.items():
+        a_layers = [laid_out(t, "a", a) for a in ab["a"]]  # [S, d_in, R] each
+        b_layers = [laid_out(t, "b", b) for b in ab["b"]]  # [S, R, d_out] each
+        flat[t] = ([a.transpose(1, 0, 2).reshape(a.shape[1], slots * rank) for a in a_layers],
+                   [b.reshape(slots * rank, b.shape[-1]) for b in b_layers])
+
+    def hook(layer: int, target: str, x: jax.Array, y: jax.Array) -> jax.Array:
+        if target not in flat:
+            return y
+        li = 0 if layer == UNEMBED_LAYER else layer
+        a, b = flat[target][0][li], flat[target][1][li]  # [d_in, S·R], [S·R, d_out]
+        h = (x.astype(a.dtype) @ a).reshape(*x.shape[:-1], slots, rank)
+        h = h * weight.reshape(weight.shape[:1] + (1,) * (h.ndim - 3) + (slots, 1)).astype(h.dtype)
+        return y + (h.reshape(*x.shape[:-1], slots * rank) @ b).astype(y.dtype)
 
     return hook

@@ -121,6 +121,28 @@ def test_write_slot_leaves_other_slots_bitwise_unchanged(models):
     jax.tree.map(np.testing.assert_array_equal, lora.read_slot(written, SLOT), adapter)
 
 
+def test_one_hot_hook_equals_gathered(models):
+    """Both evaluations of `make_hook` (per-row gathers; every slot under a one-hot weight) give the same
+    logits, for decode-shaped rows (one token each) and longer ones, rows on different slots."""
+    model = models(UNTIED)
+    rng = np.random.default_rng(3)
+    bank = lora.empty_bank(model.config, SLOTS, MAX_RANK)
+    bank = lora.LoraBank({t: {k: 0.05 * rng.normal(size=w.shape).astype(np.float32) for k, w in ab.items()}
+                          for t, ab in bank.weights.items()}, np.array([0.5, 1.5, 2.5], np.float32))
+    slot_ids = jnp.array([0, 2, 1, 2], jnp.int32)
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, static_argnames="one_hot")
+    def logits(tokens, one_hot):
+        return nnx.merge(graphdef, state)(tokens, hook=lora.make_hook(bank, slot_ids, one_hot=one_hot))
+
+    for length in (1, 5):
+        tokens = jnp.asarray(rng.integers(3, 301, size=(4, length)), jnp.int32)
+        gathered, one_hot = np.asarray(logits(tokens, False)), np.asarray(logits(tokens, True))
+        assert np.abs(gathered - np.asarray(model(tokens))).max() > 1e-2  # the adapters matter
+        np.testing.assert_allclose(one_hot, gathered, atol=1e-4, rtol=1e-4)
+
+
 def test_padded_rank_columns_stay_zero_under_training(models, tiny_checkpoint):
     """A rank-3 adapter over three targets in a rank-8 bank, trained by the engine with weight decay:
     columns 3..7 of A, rows 3..7 of B and the untrained targets stay exactly zero. Also with `eps=0`,

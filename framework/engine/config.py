@@ -46,8 +46,7 @@ class EngineConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def __post_init__(self) -> None:
-        # Training batches must never have one token per row: `lora.make_hook` then mixes every slot into
-        # every row, which is only safe for the (finite-checked) sampler bank.
+        # A one-token bucket would only add a compiled shape: every training row has an input and a target.
         if self.min_seq_bucket < 2:
             raise ValueError(f"min_seq_bucket must be >= 2, got {self.min_seq_bucket}")
         for name in ("max_adapters", "max_rank", "sampler_slots", "max_optim_batch", "decode_rows", "decode_chunk",

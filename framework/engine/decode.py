@@ -46,7 +46,7 @@ from framework.engine.requests import SampledRow, SampleJob, SampleResult, TopK
 from framework.engine.shapes import bucket
 from framework.engine.snapshots import NoFreeSlot, Snapshot, SnapshotRegistry
 from framework.sampling import RowParams, choose_tokens, sample_keys, truncate_at_stop_strings
-from lora import LoraBank
+from lora import ONE_HOT_MAX_SLOTS, LoraBank
 from models.kv_cache import KVCache, decode_step, extend
 
 logger = logging.getLogger(__name__)
@@ -477,7 +477,8 @@ class DecodeLoop:
         self.compile_counts["decode"] += 1
         model = self._model(base)
         bank = LoraBank(jax.tree.map(lambda w: w[:, used], bank_weights), bank_scales[used])
-        hook = self._placement.hook(bank, slot)
+        # Built here, outside the loop, so the adapters are laid out (or gathered) once per chunk.
+        hook = self._placement.hook(bank, slot, one_hot=bank.num_slots <= ONE_HOT_MAX_SLOTS)
         params = RowParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=budget,
                            keys=jax.random.wrap_key_data(key_data), stop_tokens=stop)
         rows = counts.shape[0]

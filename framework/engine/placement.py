@@ -150,11 +150,12 @@ class Placement:
         return kernel
 
     # --------------------------------------------------------------------- inside compiled steps
-    def hook(self, bank: LoraBank, rows: jax.Array) -> LinearHook:
-        """`lora.make_hook` for `bank` and each row's slot, laid out for the mesh."""
+    def hook(self, bank: LoraBank, rows: jax.Array, *, one_hot: bool = False) -> LinearHook:
+        """`lora.make_hook` for `bank` and each row's slot, laid out for the mesh (`one_hot` for decode steps)."""
         if not self.sharded:
-            return make_hook(bank, rows)
-        return self.rules.constraining_hook(make_hook(bank, rows, layout=self.rules.adapter_layout()))
+            return make_hook(bank, rows, one_hot=one_hot)
+        return self.rules.constraining_hook(make_hook(bank, rows, one_hot=one_hot,
+                                                      layout=self.rules.adapter_layout()))
 
     def constrain_adapter(self, weights: LoraWeights) -> LoraWeights:
         """Pin one adapter's weights (or gradients) to their sharding."""
