@@ -10,11 +10,12 @@ Each runs RL iterations through the client API:
 
 "on" is the default engine: continuous batching, one prefill per request, the prefix cache and
 packed training rows. "off" turns all four off (batch-synchronous decoding, a prefill per sampled
-row, no cache, one row per sequence). One warm-up iteration, then `--iterations` timed ones.
+row, no cache, one row per sequence). `--warmup` iterations (compiling what they meet), then
+`--iterations` timed ones; the median of the tenants' timed iterations is reported beside the wall time.
 Reports the speed-up, the share of an iteration spent publishing, prefilled vs cached prompt
 tokens and the training padding fraction.
 
-    python -m bench.rl_workload [--tenants 8] [--iterations 4]
+    python -m bench.rl_workload [--tenants 8] [--iterations 4] [--warmup 2]
 
 Progress goes to stderr; the last line on stdout is one JSON object.
 """
@@ -36,16 +37,16 @@ from framework.engine import EngineConfig
 G, PROMPT_LEN, NEW_TOKENS, USER_TOKENS, TURNS = 8, 64, 48, 8, 4
 
 
-def tenant_loop(service: ServiceClient, directory: str, seed: int, iterations: int, barrier: threading.Barrier,
-                out: dict) -> None:
+def tenant_loop(service: ServiceClient, directory: str, seed: int, iterations: int, warmup: int,
+                barrier: threading.Barrier, out: dict) -> None:
     trainer = service.create_lora_training_client(directory, rank=32, seed=seed)
     vocab = trainer._engine.model_config.vocab_size
     rng = np.random.default_rng(seed)
     prompt = rng.integers(3, vocab, PROMPT_LEN).tolist()
     params = types.SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, stop=[])
     publish_seconds, iteration_seconds = [], []
-    for it in range(iterations + 1):
-        if it == 1:
+    for it in range(warmup + iterations):
+        if it == warmup:
             barrier.wait()  # everyone warmed up: time from here
         t0 = time.perf_counter()
         sampler = trainer.save_weights_and_get_sampling_client()
@@ -73,14 +74,14 @@ def tenant_loop(service: ServiceClient, directory: str, seed: int, iterations: i
         trainer.forward_backward(data, "importance_sampling").result()
         trainer.optim_step(types.AdamParams(learning_rate=1e-4)).result()
         iteration_seconds.append(time.perf_counter() - t0)
-    out[seed] = {"publish": publish_seconds[1:], "iteration": iteration_seconds[1:]}
+    out[seed] = {"publish": publish_seconds[warmup:], "iteration": iteration_seconds[warmup:]}
 
 
-def run(directory: str, home: str, config: EngineConfig, tenants: int, iterations: int) -> dict:
+def run(directory: str, home: str, config: EngineConfig, tenants: int, iterations: int, warmup: int) -> dict:
     with ServiceClient(engine_config=config, home=home) as service:
         out: dict = {}
         barrier = threading.Barrier(tenants + 1)
-        threads = [threading.Thread(target=tenant_loop, args=(service, directory, s, iterations, barrier, out))
+        threads = [threading.Thread(target=tenant_loop, args=(service, directory, s, iterations, warmup, barrier, out))
                    for s in range(tenants)]
         for t in threads:
             t.start()
@@ -96,7 +97,9 @@ def run(directory: str, home: str, config: EngineConfig, tenants: int, iteration
     publish = sum(sum(v["publish"]) for v in out.values())
     iteration = sum(sum(v["iteration"]) for v in out.values())
     sampling = {k: after["sampling"][k] - before["sampling"][k] for k in ("prefill_tokens", "cached_prompt_tokens")}
-    return {"seconds": round(wall, 2), "publish_share": round(publish / iteration, 4),
+    per_iteration = sorted(x for v in out.values() for x in v["iteration"])
+    return {"seconds": round(wall, 2), "median_iteration_seconds": round(float(np.median(per_iteration)), 2),
+            "publish_share": round(publish / iteration, 4),
             "prefilled_prompt_tokens": sampling["prefill_tokens"],
             "cached_prompt_tokens": sampling["cached_prompt_tokens"],
             "padding_fraction": round(after["training"]["padding_fraction"], 3),
@@ -109,11 +112,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tenants", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
     configs = {"on": EngineConfig(max_rank=32),
                "off": EngineConfig(max_rank=32, continuous_batching=False, prefill_once=False, prefix_cache_mb=0,
                                    pack=False)}
-    result: dict = {"bench": "rl_workload", "tenants": args.tenants, "iterations": args.iterations, "G": G,
+    result: dict = {"bench": "rl_workload", "tenants": args.tenants, "iterations": args.iterations,
+                    "warmup": args.warmup, "G": G,
                     "turns": TURNS, "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS}
     with tempfile.TemporaryDirectory() as directory:
         log(f"building random Qwen3 checkpoint in {directory}")
@@ -121,9 +126,11 @@ def main() -> None:
         for name, config in configs.items():
             with tempfile.TemporaryDirectory() as home:
                 log(f"features {name}")
-                result[name] = run(directory, home, config, args.tenants, args.iterations)
+                result[name] = run(directory, home, config, args.tenants, args.iterations, args.warmup)
                 log(f"features {name}: {result[name]}")
     result["speedup"] = round(result["off"]["seconds"] / result["on"]["seconds"], 2)
+    result["speedup_median_iteration"] = round(result["off"]["median_iteration_seconds"]
+                                               / result["on"]["median_iteration_seconds"], 2)
     print(json.dumps(result))
 
 

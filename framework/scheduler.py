@@ -4,7 +4,9 @@ Rules (written down because correctness depends on them):
 1. Requests of one adapter run in submission order. A request may be batched with earlier-queued
    requests of *other* adapters, but never jumps over an earlier pending request of its own adapter:
    an `optim_step` or a weight load is a barrier for its adapter only. A `priority` request (cheap,
-   waited on: publishing a snapshot) goes ahead of other adapters' queued work, never of its own.
+   waited on: publishing a snapshot) goes ahead of other adapters' queued work, never of its own;
+   `try_now` runs such a thing on the caller's thread at once when nothing of its adapter is queued
+   or running.
 2. Requests whose `batch_key` is equal (e.g. `("forward_backward", "ppo")`) and that are all at the
    head of their adapter's queue run as one engine call (an idle worker woken by such a request
    waits for the rest of its burst: until none has come for `batch_window_s`), up to `max_batch_rows` rows,
@@ -82,6 +84,7 @@ class Scheduler:
         self._pending: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._running: set[str | None] = set()  # adapters of the batch the worker is running
         self.batches_run = 0
         self.requests_run = 0
         self.errors = 0
@@ -130,6 +133,16 @@ class Scheduler:
         """Run `fn()` alone on the worker, in order with the adapter's other requests."""
         return self.submit(lambda payloads: [payloads[0]()], fn, adapter_id=adapter_id, ready=ready,
                            priority=priority)
+
+    def try_now(self, fn: Callable[[], Any], *, adapter_id: str) -> tuple[bool, Any]:
+        """Run `fn()` on the calling thread, at once, if no request of `adapter_id` is queued or running:
+        `(True, fn())`; else `(False, None)` (then queue it with `call`). The queue's lock is held while `fn`
+        runs, so nothing of the adapter starts meanwhile: `fn` must be quick (publishing a snapshot of a
+        resident adapter). What the worker runs for other adapters goes on beside it."""
+        with self._cond:
+            if self._closed or adapter_id in self._running or any(r.adapter_id == adapter_id for r in self._pending):
+                return False, None
+            return True, fn()
 
     def _notify(self) -> None:
         with self._cond:
@@ -220,6 +233,7 @@ class Scheduler:
                                                start + BURST_WINDOWS * self.batch_window_s)
                     idle = False
                     batch = self._next_batch() if self._pending else []
+                    self._running = {r.adapter_id for r in batch}
                     if batch or self._has_background():
                         break
                     idle = True
@@ -229,6 +243,8 @@ class Scheduler:
             if batch:
                 self._run_safely(batch)
                 self.batches_run += 1
+                with self._cond:
+                    self._running = set()
             if self._has_background():
                 try:
                     self._background.step()

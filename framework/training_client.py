@@ -233,9 +233,14 @@ class TrainingClient:
         if name is not None:
             self.save_weights_for_sampler(name).result()
         engine = self._engine
-        # Publishing copies nothing: it goes ahead of other tenants' queued steps (not of this adapter's).
-        snapshot = self._scheduler.call(lambda: engine.publish(self.model_id), adapter_id=self.model_id,
-                                        priority=True).result()
+        # Publishing copies nothing. With nothing of this adapter queued or running it happens here, at once,
+        # beside the worker; else (or when the adapter is paged out) it goes ahead of other tenants' queued
+        # work on the worker (never ahead of this adapter's).
+        _, snapshot = self._scheduler.try_now(lambda: engine.publish_resident(self.model_id),
+                                              adapter_id=self.model_id)
+        if snapshot is None:
+            snapshot = self._scheduler.call(lambda: engine.publish(self.model_id), adapter_id=self.model_id,
+                                            priority=True).result()
         return SamplingClient(self.service, self.base_model, snapshot.snapshot_id, version=snapshot.version)
 
     def create_sampling_client(self, model_path: str) -> SamplingClient:

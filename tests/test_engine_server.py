@@ -654,6 +654,59 @@ def test_a_priority_call_overtakes_other_adapters_but_never_its_own():
         scheduler.shutdown()
 
 
+def test_try_now_runs_beside_other_adapters_but_never_beside_its_own():
+    scheduler = Scheduler()
+    try:
+        gate = threading.Event()
+        blocker = scheduler.call(lambda: gate.wait(30), adapter_id="x")
+        while not blocker.running():
+            time.sleep(0.001)
+        queued = scheduler.call(lambda: "y1", adapter_id="y")
+        assert scheduler.try_now(lambda: "z-now", adapter_id="z") == (True, "z-now")  # beside x's request
+        assert scheduler.try_now(lambda: "x-now", adapter_id="x") == (False, None)  # x is running
+        assert scheduler.try_now(lambda: "y-now", adapter_id="y") == (False, None)  # y has a queued request
+        gate.set()
+        assert (blocker.result(10), queued.result(10)) == (True, "y1")
+        while scheduler.try_now(lambda: "x-now", adapter_id="x") != (True, "x-now"):  # once the batch is done
+            time.sleep(0.001)
+    finally:
+        scheduler.shutdown()
+
+
+def test_publishing_runs_beside_other_tenants_work(base_model):
+    """A tenant with nothing queued publishes at once, while the worker is busy with another tenant, and
+    samples the weights it trained; a paged-out tenant publishes through the worker (which pages it in)."""
+    config = EngineConfig(max_adapters=1)
+    with ServiceClient(engine_config=config) as service:
+        first = service.create_lora_training_client(base_model, rank=4, seed=1)
+        train(first, 1, seed=0)
+        second = service.create_lora_training_client(base_model, rank=4, seed=2)  # pages `first` out
+        train(second, 1, seed=5)
+        expected = weights_of(second)
+        gate = threading.Event()
+        blocker = second._scheduler.call(lambda: gate.wait(60))  # the worker is busy with someone else
+        while not blocker.running():
+            time.sleep(0.001)
+        try:
+            published = second.save_weights_and_get_sampling_client()  # would hang here if it queued
+            assert published.version == 1
+            snapshot = second._engine.snapshots.get(published.snapshot_id)
+            assert_trees_equal(jax.device_get(snapshot.weights), expected)
+            assert not blocker.done()
+            late = threading.Thread(target=lambda: results.append(first.save_weights_and_get_sampling_client()))
+            results: list = []
+            late.start()  # paged out: it waits for the worker
+            late.join(0.5)
+            assert late.is_alive()
+        finally:
+            gate.set()
+        late.join(60)
+        assert results[0].version == 1
+        assert_trees_equal(jax.device_get(first._engine.snapshots.get(results[0].snapshot_id).weights),
+                           weights_of(first))
+        assert published.sample(PROMPT, 1, params()).result().sequences[0].weights_version == 1
+
+
 def test_long_rows_bucket_to_three_quarter_steps():
     """Rows past 256 tokens take the smaller of the next power of two and its three quarters: less than a
     third padding (not up to half), still multiples of 128; short rows keep powers of two (and the minimum)."""

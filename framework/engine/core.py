@@ -306,13 +306,27 @@ class Engine:
         caller (`release_snapshot` when done)."""
         self.collect()
         adapter = self.adapters.ensure_resident([adapter_id])[0]
-        snapshot_id = f"{adapter_id}#{adapter.incarnation}@v{adapter.version}"
+        return self._snapshot_of(adapter, adapter.weights)
+
+    def publish_resident(self, adapter_id: str) -> Snapshot | None:
+        """`publish` from any thread, for a caller that guarantees no request of the adapter is queued or
+        running (`Scheduler.try_now`); None when the adapter is paged out (publish it on the worker, which
+        pages it in). Reads only the adapter's immutable weight arrays and the (locked) snapshot registry,
+        so it runs beside whatever the worker is doing for other adapters."""
+        adapter = self.adapters.get(adapter_id)
+        weights = adapter.weights  # once: a page-out on the worker may swap in host copies meanwhile
+        if not all(isinstance(w, jax.Array) for w in jax.tree.leaves(weights)):
+            return None
+        return self._snapshot_of(adapter, weights)
+
+    def _snapshot_of(self, adapter: AdapterState, weights: LoraWeights) -> Snapshot:
+        snapshot_id = f"{adapter.adapter_id}#{adapter.incarnation}@v{adapter.version}"
         live = self.snapshots.try_acquire(snapshot_id)
         if live is not None:
             return live
-        require_finite(adapter.weights, f"adapter {adapter_id!r} at step {adapter.step}",
+        require_finite(weights, f"adapter {adapter.adapter_id!r} at step {adapter.step}",
                        "training diverged: lower the learning rate or load an earlier checkpoint")
-        return self.snapshots.add(Snapshot(snapshot_id, adapter_id, adapter.version, adapter.weights, adapter.scale))
+        return self.snapshots.add(Snapshot(snapshot_id, adapter.adapter_id, adapter.version, weights, adapter.scale))
 
     def add_snapshot(self, snapshot_id: str, weights: LoraWeights, scale: float, version: int,
                      adapter_id: str | None = None) -> Snapshot:
