@@ -373,7 +373,8 @@ def test_no_recompilation_when_adapters_and_lengths_change(tenants, service, eng
     (Each workload's first batch packs into 2 rows of 32 tokens, its prompts prefill in 16 tokens and
     decode in a pool of 32 positions: the same buckets with other lengths.)"""
     jitted = {"forward": engine._steps.forward, "forward_backward": engine._steps.forward_backward,
-              "optim_step": engine._steps.optim, "decode": engine.decoder._chunk, "prefill": engine.decoder._admit}
+              "optim_step": engine._steps.optim, "decode": engine.decoder._chunk, "prefill": engine.decoder._prefill,
+              "admit": engine.decoder._admit}
 
     def workload(clients, lengths, prompt_len, seed, sampler=None):
         rng = np.random.default_rng(seed)

@@ -147,6 +147,7 @@ class DecodeLoop:
         self.stats = collections.Counter()  # chunks, row_steps, active_row_steps, tokens, prefill_tokens, ...
         self.queue_wait_seconds = 0.0
         self._chunk = jax.jit(self._chunk_impl, static_argnames=("steps", "topk"), donate_argnames=("cache", "logits"))
+        self._prefill = jax.jit(self._prefill_impl, donate_argnames=("temp",))
         self._admit = jax.jit(self._admit_impl, donate_argnames=("cache", "logits"))
         self._resize = jax.jit(self._resize_impl, static_argnames=("rows", "capacity"))
         self._place = jax.jit(lambda cache, kv, row: placement.constrain_cache(_place_entry(cache, kv, row)),
@@ -279,7 +280,10 @@ class DecodeLoop:
         self._ensure_pool(self.active_rows + new_rows, need_capacity, stop_width)
 
         p = bucket(len(prompts))
-        temp = self._placement.empty_cache(self._config, p, self._capacity, self._dtype)
+        # The prompts prefill into their own small cache, sized by what they hold (not by the pool), so the
+        # model's prefill compiles per (prompts, suffix, capacity) bucket whatever the pool's shape.
+        temp_capacity = bucket(max(shared for _, _, shared in prompts) + suffix_len, self._min_capacity)
+        temp = self._placement.empty_cache(self._config, p, temp_capacity, self._dtype)
         tokens = np.zeros((p, suffix_len), np.int32)
         start, lengths, prompt_slots = np.zeros(p, np.int32), np.ones(p, np.int32), np.zeros(p, np.int32)
         for i, (running, entry, shared) in enumerate(prompts):
@@ -289,7 +293,7 @@ class DecodeLoop:
             prompt_slots[i] = slots[running.job.snapshot_id]
             running.cached_tokens = max(running.cached_tokens, shared)
             if entry is not None:
-                temp = self._place(temp, entry.kv[:, :, :, : self._capacity], jnp.int32(i))
+                temp = self._place(temp, entry.kv[:, :, :, :temp_capacity], jnp.int32(i))
         free = self._rows.free()
         q = bucket(new_rows)
         dest = np.full(q, len(self._rows.owner), np.int32)  # out of range: dropped
@@ -306,15 +310,16 @@ class DecodeLoop:
             running.next_sample += n
         bank = self._registry.bank
         prompt_slots, tokens, start, lengths = self._placement.batch((prompt_slots, tokens, start, lengths))
-        self._cache, self._logits, temp = self._admit(self._base, bank.weights, bank.scales, prompt_slots, temp,
-                                                      tokens, start, lengths, self._cache, self._logits, dest, src)
+        last_logits, temp = self._prefill(self._base, bank.weights, bank.scales, prompt_slots, temp, tokens, start,
+                                          lengths)
+        self._cache, self._logits = self._admit(self._cache, self._logits, temp, last_logits, dest, src)
         self.stats["prefill_tokens"] += int(lengths[: len(prompts)].sum())
         self.stats["cached_prompt_tokens"] += int(start[: len(prompts)].sum())
         if self._prefix.enabled:
             for i, (running, _, _) in enumerate(prompts):
                 prompt = running.job.prompt
                 if not self._prefix.covers(running.job.snapshot_id, prompt):
-                    length = min(bucket(len(prompt), 16), self._capacity)
+                    length = min(bucket(len(prompt), 16), temp_capacity)
                     self._prefix.insert(running.job.snapshot_id, prompt, self._extract(temp, jnp.int32(i),
                                                                                        length=length))
 
@@ -523,21 +528,28 @@ class DecodeLoop:
         return {**out, "cache": place.constrain_cache(cache), "logits": place.constrain_rows(logits), "counts": counts,
                 "active": active, "hit": hit, "steps": steps_run}
 
-    def _admit_impl(self, base, bank_weights, bank_scales, prompt_slots, temp, tokens, start, lengths, cache, logits,
-                    dest, src):
-        """Prefill the prompts into `temp` (after any cached prefix), then copy each into its pool rows."""
+    def _prefill_impl(self, base, bank_weights, bank_scales, prompt_slots, temp, tokens, start, lengths):
+        """Prefill the prompts into `temp` after any cached prefix; the logits of each one's last token."""
         self.compile_counts["prefill"] += 1
         model = self._model(base)
         hook = self._placement.hook(LoraBank(bank_weights, bank_scales), prompt_slots)
-        last_logits, temp = extend(model, tokens, start, lengths, temp, hook=hook)
+        return extend(model, tokens, start, lengths, temp, hook=hook)
+
+    def _admit_impl(self, cache, logits, temp, last_logits, dest, src):
+        """Copy prefilled prompt `src[i]` (of `temp`, at most the pool's capacity) into pool row `dest[i]`.
+        Positions past the prompt's capacity keep what the row held before: past its length, never read."""
+        self.compile_counts["admit"] += 1
 
         def scatter(pool, new):
-            return pool.at[dest].set(new[src], mode="drop")
+            new = new[src]
+            if pool.ndim == 4:  # keys/values [rows, K, C, H]
+                return pool.at[dest, :, : new.shape[2]].set(new, mode="drop")
+            return pool.at[dest].set(new, mode="drop")
 
         cache = KVCache(tuple(map(scatter, cache.keys, temp.keys)), tuple(map(scatter, cache.values, temp.values)),
                         scatter(cache.lengths, temp.lengths))
         place = self._placement
-        return place.constrain_cache(cache), place.constrain_rows(scatter(logits, last_logits)), temp
+        return place.constrain_cache(cache), place.constrain_rows(scatter(logits, last_logits))
 
     def _resize_impl(self, cache, logits, index, *, rows: int, capacity: int):
         """A pool of `rows` x `capacity` holding old rows `index` (-1: empty) at rows 0.. (truncating or
