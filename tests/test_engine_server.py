@@ -7,6 +7,7 @@ Tiny 2-layer tied qwen2 (vocab 301) throughout; sequences stay in the 32-token b
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import threading
 import time
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from framework import ServiceClient, types
-from framework.engine import Engine, EngineConfig, ForwardRequest, OptimRequest, SampleJob
+from framework.engine import Engine, EngineConfig, ForwardRequest, LogprobsRequest, OptimRequest, SampleJob
 from framework.optim import AdamHyperparams
 from framework.scheduler import Scheduler, SchedulerClosed
 
@@ -401,6 +402,57 @@ def test_prompts_prefill_once_and_the_prefix_cache_equals_recomputing(base_model
         for a, b in zip(got.sequences, expected.sequences, strict=True):
             np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5)
     assert cached.metrics()["prefix_cache"]["hits"] >= 1
+
+
+def test_compute_logprobs_computes_only_what_the_prefix_cache_does_not_know(base_model):
+    """compute_logprobs after sampling feeds the prompt but not the sampled tokens (their logprobs came
+    with them); after that, the same sequence costs nothing and an extension only its new tokens. The
+    logprobs equal an engine's without the cache."""
+    cached = Engine(base_model, EngineConfig(max_rank=8))
+    plain = Engine(base_model, EngineConfig(max_rank=8, prefix_cache_mb=0))
+    adapter = cached.create_adapter(rank=4, seed=3)
+    weights = jax.tree.map(lambda w: np.random.default_rng(0).normal(0, 0.05, w.shape).astype(w.dtype),
+                           jax.device_get(adapter.weights))
+    cached.set_adapter_state(adapter.adapter_id, weights, None, 0)
+    plain.create_adapter(rank=4, seed=3, adapter_id=adapter.adapter_id)
+    plain.set_adapter_state(adapter.adapter_id, weights, None, 0)
+    sids = [e.publish(adapter.adapter_id).snapshot_id for e in (cached, plain)]
+    rng = np.random.default_rng(6)
+    prompt = rng.integers(3, VOCAB, 24).astype(np.int32)
+    job = SampleJob(snapshot_id=sids[0], prompt=prompt, num_samples=2, max_tokens=10, temperature=1.0, top_p=1.0,
+                    top_k=-1, seed=4)
+    sampled = cached.sample([job])[0].sequences[1]
+    sequence = np.concatenate([prompt, np.asarray(sampled.tokens, np.int32)])
+    extended = np.concatenate([sequence, rng.integers(3, VOCAB, 6).astype(np.int32)])
+
+    def computed() -> int:
+        return cached.metrics()["logprobs"]["computed_tokens"]
+
+    for tokens, fed in ((sequence, len(prompt)), (sequence, 0), (extended, 7)):
+        before = computed()
+        got = cached.logprobs([LogprobsRequest(sids[0], tokens)])[0]
+        expected = plain.logprobs([LogprobsRequest(sids[1], tokens)])[0]
+        assert computed() - before == fed
+        np.testing.assert_allclose(got, expected, atol=2e-5)
+        np.testing.assert_allclose(got[len(prompt): len(sequence)], sampled.logprobs, atol=2e-5)
+    # the next turn (its new tokens only) and a sequence the cache has never seen, in one call
+    turn = np.concatenate([extended, rng.integers(3, VOCAB, 5).astype(np.int32)])
+    fresh = rng.integers(3, VOCAB, 30).astype(np.int32)
+    got = cached.logprobs([LogprobsRequest(sids[0], turn), LogprobsRequest(sids[0], fresh)])
+    expected = plain.logprobs([LogprobsRequest(sids[1], turn), LogprobsRequest(sids[1], fresh)])
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    # a two-turn rollout nobody scored: its two prompts' new tokens are fed, its two completions are not
+    prompt = rng.integers(3, VOCAB, 30).astype(np.int32)
+    first = cached.sample([dataclasses.replace(job, prompt=prompt[:24], num_samples=1)])[0].sequences[0]
+    prompt2 = np.concatenate([prompt[:24], np.asarray(first.tokens, np.int32), prompt[24:]])
+    second = cached.sample([dataclasses.replace(job, prompt=prompt2, num_samples=1)])[0].sequences[0]
+    rollout = np.concatenate([prompt2, np.asarray(second.tokens, np.int32)])
+    before = computed()
+    got = cached.logprobs([LogprobsRequest(sids[0], rollout)])[0]
+    assert computed() - before == 24 + 7
+    np.testing.assert_allclose(got, plain.logprobs([LogprobsRequest(sids[1], rollout)])[0], atol=2e-5)
+    assert cached.compile_counts["forward"] == 0 and plain.compile_counts["score"] == 0
 
 
 # ---------------------------------------------------------------------------------- packed training

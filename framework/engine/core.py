@@ -47,6 +47,7 @@ from framework.engine.requests import (
     SampleResult,
     TopK,
 )
+from framework.engine.scoring import PrefixScorer
 from framework.engine.shapes import bucket, length_bucket
 from framework.engine.snapshots import BASE, Snapshot, SnapshotRegistry, require_finite
 from framework.engine.training import TrainingSteps, batch_arrays, stack_adapters
@@ -95,6 +96,11 @@ class Engine:
                                   min_capacity=self.config.min_seq_bucket, prompt_extras=self._prompt_extras,
                                   compile_counts=self.compile_counts,
                                   continuous=self.config.continuous_batching, prefill_once=self.config.prefill_once)
+        self.scorer = PrefixScorer(graphdef=self._graphdef, base=self._base, model_config=self.model_config,
+                                   dtype=self._dtype, prefix_cache=self.prefix_cache, placement=self.placement,
+                                   compile_counts=self.compile_counts, min_capacity=self.config.min_seq_bucket,
+                                   token_budget=self.config.max_batch_tokens, place_entry=self.decoder.place_entry,
+                                   extract_entry=self.decoder.extract_entry)
         self._topk = jax.jit(self._topk_impl, static_argnames=("k",))
         self._ids = itertools.count()
         self._stats: collections.Counter[str] = collections.Counter()
@@ -358,9 +364,18 @@ class Engine:
         return {s: i for i, s in enumerate(unique)}, weights, scales
 
     def logprobs(self, requests: Sequence[LogprobsRequest]) -> list[np.ndarray]:
-        """log p(token_t | tokens_<t) for each request (first entry NaN), in one batch."""
+        """log p(token_t | tokens_<t) for each request (first entry NaN), in one batch; with the prefix
+        cache, only the tokens whose logprobs no cached sequence holds are computed."""
         self.collect()
+        n = max(len(r.tokens) for r in requests)
+        if n > self.max_seq_len:
+            raise ValueError(f"sequence length {n} exceeds the engine's max_seq_len {self.max_seq_len}")
         group, weights, scales = self._snapshot_args([r.snapshot_id for r in requests])
+        if self.prefix_cache.enabled:
+            t0 = time.perf_counter()
+            out = self.scorer.logprobs(requests, weights, scales, group)
+            self._seconds["logprobs"] += time.perf_counter() - t0
+            return out
         flat = [(group[r.snapshot_id],
                  DatumArrays(r.tokens, {"target_tokens": np.append(r.tokens[1:], 0).astype(np.int32),
                                         "weights": np.zeros(len(r.tokens), np.float32)}), {}) for r in requests]
@@ -445,6 +460,8 @@ class Engine:
                           "sampler_slot_loads": self.snapshots.slot_loads},
             "prefix_cache": {"entries": len(cache), "bytes": cache.bytes, "lookups": cache.lookups,
                              "hits": cache.hits, "cached_tokens": cache.cached_tokens},
+            "logprobs": {"requests": self.scorer.stats["requests"], "tokens": self.scorer.stats["tokens"],
+                         "computed_tokens": self.scorer.stats["fed_tokens"]},
             "sampling": {"waiting": dec.waiting, "active_rows": dec.active_rows, "chunks": dec.stats["chunks"],
                          "tokens": dec.stats["tokens"], "prefill_tokens": dec.stats["prefill_tokens"],
                          "cached_prompt_tokens": dec.stats["cached_prompt_tokens"],

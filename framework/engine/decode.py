@@ -63,6 +63,7 @@ class _Running:
     results: list[SampledRow | None]
     next_sample: int = 0  # samples [0, next_sample) have been admitted
     cached_tokens: int = 0
+    prompt_logprobs: np.ndarray | None = None  # what the prefix cache knows of the prompt's (NaN elsewhere)
     started: bool = False  # its future was marked running (at its first admission)
     settled: bool = False  # its future is resolved and its snapshot reference released
 
@@ -150,9 +151,10 @@ class DecodeLoop:
         self._prefill = jax.jit(self._prefill_impl, donate_argnames=("temp",))
         self._admit = jax.jit(self._admit_impl, donate_argnames=("cache", "logits"))
         self._resize = jax.jit(self._resize_impl, static_argnames=("rows", "capacity"))
-        self._place = jax.jit(lambda cache, kv, row: placement.constrain_cache(_place_entry(cache, kv, row)),
-                              donate_argnames=("cache",))
-        self._extract = jax.jit(lambda cache, row, length: placement.constrain_prefix_entry(
+        # Prefix-cache copies (the engine's scorer uses them too).
+        self.place_entry = jax.jit(lambda cache, kv, row: placement.constrain_cache(_place_entry(cache, kv, row)),
+                                   donate_argnames=("cache",))
+        self.extract_entry = jax.jit(lambda cache, row, length: placement.constrain_prefix_entry(
             _extract_entry(cache, row, length=length)), static_argnames=("length",))
 
     # ------------------------------------------------------------------------------- interface
@@ -268,6 +270,9 @@ class DecodeLoop:
         for running, n in plan:
             prompt = running.job.prompt
             entry, shared = self._prefix.lookup(running.job.snapshot_id, prompt, max_shared=len(prompt) - 1)
+            if running.prompt_logprobs is None:
+                running.prompt_logprobs = (entry.known_logprobs(prompt) if entry is not None
+                                           else np.full(len(prompt), np.nan, np.float32))
             copies = 1 if self._prefill_once else n
             prompts += [(running, entry, shared)] * copies
             sources.append([len(prompts) - 1] * n if self._prefill_once else list(range(len(prompts) - n,
@@ -293,7 +298,7 @@ class DecodeLoop:
             prompt_slots[i] = slots[running.job.snapshot_id]
             running.cached_tokens = max(running.cached_tokens, shared)
             if entry is not None:
-                temp = self._place(temp, entry.kv[:, :, :, :temp_capacity], jnp.int32(i))
+                temp = self.place_entry(temp, entry.kv[:, :, :, :temp_capacity], jnp.int32(i))
         free = self._rows.free()
         q = bucket(new_rows)
         dest = np.full(q, len(self._rows.owner), np.int32)  # out of range: dropped
@@ -318,10 +323,11 @@ class DecodeLoop:
         if self._prefix.enabled:
             for i, (running, _, _) in enumerate(prompts):
                 prompt = running.job.prompt
-                if not self._prefix.covers(running.job.snapshot_id, prompt):
+                if self._prefix.covering(running.job.snapshot_id, prompt) is None:
                     length = min(bucket(len(prompt), 16), temp_capacity)
-                    self._prefix.insert(running.job.snapshot_id, prompt, self._extract(temp, jnp.int32(i),
-                                                                                       length=length))
+                    self._prefix.insert(running.job.snapshot_id, prompt,
+                                        self.extract_entry(temp, jnp.int32(i), length=length),
+                                        running.prompt_logprobs)
 
     def _start_row(self, row: int, running: _Running, sample: int, slot: int, key_data: np.ndarray) -> None:
         job, rows = running.job, self._rows
@@ -425,10 +431,14 @@ class DecodeLoop:
                                                        "stop" if stopped else "length", top)
         if self._prefix.enabled and keep > 0:
             sequence = np.concatenate([job.prompt, np.asarray(rows.tokens[row][:keep], np.int32)])
+            logprobs = np.concatenate([running.prompt_logprobs, np.asarray(rows.logprobs[row][:keep], np.float32)])
             fed = int(rows.prompt_len[row]) + len(rows.tokens[row])  # every emitted token was fed
-            if not self._prefix.covers(job.snapshot_id, sequence):
-                kv = self._extract(self._cache, jnp.int32(row), length=min(bucket(fed, 16), self._capacity))
-                self._prefix.insert(job.snapshot_id, sequence, kv)
+            covering = self._prefix.covering(job.snapshot_id, sequence)
+            if covering is not None:
+                covering.learn_logprobs(logprobs)
+            else:
+                kv = self.extract_entry(self._cache, jnp.int32(row), length=min(bucket(fed, 16), self._capacity))
+                self._prefix.insert(job.snapshot_id, sequence, kv, logprobs)
         self._registry.unpin(int(rows.slot[row]))
         rows.owner[row] = None
         rows.active[row] = False

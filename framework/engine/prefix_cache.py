@@ -8,6 +8,11 @@ position i depend only on tokens 0..i, so any entry that shares a prefix with a 
 that prefix: `lookup` returns the entry with the longest common prefix. Entries are evicted least
 recently used first to stay within a byte budget; a freed snapshot's entries go at once (`purge`).
 A sequence that is a prefix of a cached one adds nothing; one that extends a cached one replaces it.
+
+An entry also keeps the logprob of each of its tokens where one is known (NaN elsewhere): sampled
+tokens come with theirs, and `compute_logprobs` fills in the rest. Logits at a position need that
+position's whole forward pass, which keys/values alone cannot give back, so `compute_logprobs` skips
+exactly the tokens whose logprobs an entry holds.
 """
 
 from __future__ import annotations
@@ -27,10 +32,24 @@ class PrefixEntry:
     snapshot_id: str
     tokens: np.ndarray  # [n] int32: the sequence whose keys/values `kv` holds
     kv: jax.Array  # [L, 2, K, n_bucket, H]
+    logprobs: np.ndarray  # [n] float32: log p(token_t | tokens_<t) where known, NaN elsewhere (and at 0)
 
     @property
     def nbytes(self) -> int:
-        return int(self.kv.nbytes)
+        return int(self.kv.nbytes) + self.logprobs.nbytes
+
+    def known_logprobs(self, tokens: np.ndarray) -> np.ndarray:
+        """The logprobs of `tokens` as far as this entry knows them (its common prefix with them), NaN
+        elsewhere (a new array)."""
+        out = np.full(len(tokens), np.nan, np.float32)
+        shared = shared_prefix(self.tokens, tokens)
+        out[:shared] = self.logprobs[:shared]
+        return out
+
+    def learn_logprobs(self, logprobs: np.ndarray) -> None:
+        """Fill in unknown logprobs of the entry's first `len(logprobs)` tokens."""
+        head = self.logprobs[: len(logprobs)]
+        np.copyto(head, logprobs[: len(head)], where=np.isnan(head))
 
 
 def shared_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -57,9 +76,11 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, snapshot_id: str, tokens: np.ndarray, max_shared: int) -> tuple[PrefixEntry | None, int]:
+    def lookup(self, snapshot_id: str, tokens: np.ndarray, max_shared: int, *,
+               count: bool = True) -> tuple[PrefixEntry | None, int]:
         """The entry sharing the longest prefix (at most `max_shared` tokens) with `tokens`, and that length;
-        `(None, 0)` when none shares at least `MIN_SHARED`."""
+        `(None, 0)` when none shares at least `MIN_SHARED`. `count=False`: the caller counts the tokens
+        it actually reuses (`count_reused`)."""
         if not self.enabled:
             return None, 0
         self.lookups += 1
@@ -72,31 +93,40 @@ class PrefixCache:
         if best is None or best_len < MIN_SHARED:
             return None, 0
         self._entries.move_to_end(best)
-        self.hits += 1
-        self.cached_tokens += best_len
+        if count:
+            self.count_reused(best_len)
         return self._entries[best], best_len
 
-    def covers(self, snapshot_id: str, tokens: np.ndarray) -> bool:
-        """Whether an entry already holds all of `tokens` (inserting them would add nothing)."""
+    def count_reused(self, tokens: int) -> None:
+        if tokens > 0:
+            self.hits += 1
+            self.cached_tokens += tokens
+
+    def covering(self, snapshot_id: str, tokens: np.ndarray) -> PrefixEntry | None:
+        """An entry that already holds all of `tokens` (inserting them would add nothing), if any."""
         for key in self._by_snapshot.get(snapshot_id, ()):
             entry = self._entries[key]
             if len(entry.tokens) >= len(tokens) and shared_prefix(entry.tokens, tokens) == len(tokens):
                 self._entries.move_to_end(key)
-                return True
-        return False
+                return entry
+        return None
 
-    def insert(self, snapshot_id: str, tokens: np.ndarray, kv: jax.Array) -> None:
+    def insert(self, snapshot_id: str, tokens: np.ndarray, kv: jax.Array, logprobs: np.ndarray | None = None) -> None:
+        """Cache `kv` (of `tokens`, with their `logprobs` where known: NaN elsewhere)."""
         if not self.enabled or kv.nbytes > self.budget_bytes:
             return
         tokens = np.asarray(tokens, np.int32)
+        logprobs = (np.full(len(tokens), np.nan, np.float32) if logprobs is None
+                    else np.asarray(logprobs, np.float32).copy())
         for key in list(self._by_snapshot.get(snapshot_id, ())):  # entries the new one extends
             entry = self._entries[key]
             if len(entry.tokens) <= len(tokens) and shared_prefix(entry.tokens, tokens) == len(entry.tokens):
                 self._drop(key)
         self._ids += 1
-        self._entries[self._ids] = PrefixEntry(snapshot_id, tokens, kv)
+        entry = PrefixEntry(snapshot_id, tokens, kv, logprobs)
+        self._entries[self._ids] = entry
         self._by_snapshot[snapshot_id].add(self._ids)
-        self.bytes += int(kv.nbytes)
+        self.bytes += entry.nbytes
         while self.bytes > self.budget_bytes:
             self._drop(next(iter(self._entries)))
 
