@@ -24,6 +24,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from framework.compilation_cache import DEFAULT_DIR
 from framework.tracking import LoggerConfig
 from launcher.envs.arithmetic import Difficulty
 from launcher.pretrain import PretrainConfig
@@ -184,7 +185,7 @@ class Config:
     stop_after: int | None = None  # debug: exit after this many steps as if killed (no final export)
     runs_root: str = "runs"
     # JAX's persistent compilation cache: a second run with the same shapes skips most compiling.
-    compilation_cache: str | None = "~/.cache/tinker-jax/xla"
+    compilation_cache: str | None = DEFAULT_DIR
     plan_only: bool = False  # print the per-device memory plan and exit (exit 2 if it does not fit)
     mesh: MeshSchema = field(default_factory=MeshSchema)
     distributed: DistributedSchema = field(default_factory=DistributedSchema)

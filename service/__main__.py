@@ -10,12 +10,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 from service.config import ServerConfig
 
 DEFAULT_DB = ServerConfig.db_url
+DEFAULT_XLA_CACHE = "~/.cache/tinker-jax/xla"  # framework.compilation_cache.DEFAULT_DIR (importing it is not free)
 
 
 def parse_mesh(text: str):  # -> framework.sharding.MeshConfig
@@ -57,6 +59,10 @@ def _serve_parser() -> argparse.ArgumentParser:
     e.add_argument("--mesh", type=parse_mesh, default="fsdp=-1", metavar="AXIS=N[,AXIS=N]",
                    help="device mesh over data / fsdp / tp, one of them -1 for the rest (default: %(default)s, "
                         "every visible device along fsdp)")
+    e.add_argument("--compilation-cache", default=DEFAULT_XLA_CACHE, metavar="DIR",
+                   help="persist compiled programs here, so a restart reloads them ('' turns it off; "
+                        "JAX_COMPILATION_CACHE_DIR wins; default: %(default)s)")
+    _add_engine_settings(e)
     s = p.add_argument_group("service")
     s.add_argument("--poll-hold", type=float, default=ServerConfig.poll_hold_s,
                    help="seconds a retrieve_future poll is held before answering try_again")
@@ -78,22 +84,42 @@ def _serve_parser() -> argparse.ArgumentParser:
     return p
 
 
-def serve(argv: list[str]) -> None:
-    args = _serve_parser().parse_args(argv)
-    import uvicorn
+_NAMED_ENGINE_SETTINGS = ("max_adapters", "max_rank", "sampler_slots", "dtype", "min_seq_bucket", "max_seq_len",
+                          "mesh")
+_SCALARS = {"int": int, "float": float, "str": str}
 
+
+def _add_engine_settings(group: argparse._ArgumentGroup) -> None:
+    """A flag for every other scalar `EngineConfig` field (`--max-batch-tokens`, `--no-pack`, ...)."""
+    from framework.engine.config import EngineConfig
+
+    for field in dataclasses.fields(EngineConfig):
+        if field.name in _NAMED_ENGINE_SETTINGS:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if field.type == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
+                               help=f"EngineConfig.{field.name} (default: %(default)s)")
+        elif field.type in _SCALARS:
+            group.add_argument(flag, type=_SCALARS[field.type], default=field.default,
+                               help=f"EngineConfig.{field.name} (default: %(default)s)")
+
+
+def server_config(argv: list[str]) -> tuple[ServerConfig, str]:
+    """The server's settings from the command line, and the compilation cache directory ('' for none)."""
+    args = _serve_parser().parse_args(argv)
     from framework import EngineConfig
-    from service.app import create_app
-    from service.middleware import setup_logging
 
     dtype = args.dtype
     if dtype == "auto":
         import jax
 
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    engine = EngineConfig(max_adapters=args.max_adapters, max_rank=args.max_rank, sampler_slots=args.sampler_slots,
-                          dtype=dtype, min_seq_bucket=args.min_seq_bucket, max_seq_len=args.max_seq_len,
-                          mesh=args.mesh)
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
+    try:
+        engine = EngineConfig(**{**settings, "dtype": dtype})
+    except ValueError as error:
+        _serve_parser().error(str(error))
     config = ServerConfig(base_models=args.base_model, db_url=args.db, checkpoint_dir=args.checkpoint_dir,
                           host=args.host, port=args.port, engine=engine, poll_hold_s=args.poll_hold,
                           seq_gap_timeout_s=args.seq_gap_timeout, max_body_bytes=int(args.max_body_mb * (1 << 20)),
@@ -102,7 +128,19 @@ def serve(argv: list[str]) -> None:
                           snapshots_per_model=args.snapshots_per_model,
                           sample_use_retrieve_futures=args.sample_use_retrieve_futures,
                           log_level=args.log_level, log_format=args.log_format)
+    return config, args.compilation_cache
+
+
+def serve(argv: list[str]) -> None:
+    config, compilation_cache = server_config(argv)
+    import uvicorn
+
+    from framework.compilation_cache import enable_compilation_cache
+    from service.app import create_app
+    from service.middleware import setup_logging
+
     setup_logging(config.log_level, config.log_format)
+    enable_compilation_cache(compilation_cache)
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_config=None, access_log=False)
 
 

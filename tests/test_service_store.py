@@ -4,14 +4,18 @@ left pending by a dead server. A real SQLite file each time; no JAX."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from service import migrations
 from service import store as st
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_migrated_schema_is_the_mapped_schema(tmp_path):
@@ -97,3 +101,33 @@ def test_the_mesh_flag_reads_every_axis():
     assert parse_mesh("fsdp=4, tp=2") == MeshConfig(fsdp=4, tp=2)
     assert parse_mesh("tp=-1") == MeshConfig(fsdp=1, tp=-1)  # the rest goes to tp, not also to fsdp
     assert parse_mesh("data=2,tp=-1") == MeshConfig(data=2, fsdp=1, tp=-1)
+
+
+def test_every_engine_setting_has_a_flag():
+    from framework import EngineConfig
+    from service.__main__ import server_config
+
+    config, cache = server_config(["--base-model", "m", "--max-batch-tokens", "8192", "--no-pack", "--decode-rows",
+                                   "128", "--prefix-cache-mb", "0", "--remat", "dots", "--compilation-cache", ""])
+    engine = config.engine
+    assert (engine.max_batch_tokens, engine.pack, engine.decode_rows, engine.prefix_cache_mb, engine.remat) == (
+        8192, False, 128, 0.0, "dots")
+    assert cache == ""
+    config, cache = server_config(["--base-model", "m"])
+    assert config.engine == EngineConfig(dtype=config.engine.dtype) and cache.endswith("tinker-jax/xla")
+
+
+def test_a_bad_engine_setting_is_refused_naming_it(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "service", "--base-model", str(tmp_path), "--decode-rows", "0"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "decode_rows must be >= 1" in done.stderr, done.stderr
+
+
+def test_the_compilation_cache_keeps_compiled_programs(tmp_path):
+    """What `--compilation-cache` (and the launcher's `compilation_cache`) turn on: programs land on disk."""
+    code = ("import sys; from framework.compilation_cache import enable_compilation_cache as enable; "
+            "enable(sys.argv[1]); import jax, jax.numpy as jnp; "
+            "jax.jit(lambda x: x * 3)(jnp.ones(5)).block_until_ready()")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "xla")], check=True, env=env, cwd=REPO)
+    assert any((tmp_path / "xla").iterdir())
