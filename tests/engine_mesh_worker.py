@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from framework.engine import Engine, EngineConfig
-from framework.engine.requests import DatumArrays, ForwardRequest, OptimRequest, SampleJob
+from framework.engine.requests import DatumArrays, ForwardRequest, LogprobsRequest, OptimRequest, SampleJob
 from framework.optim import AdamHyperparams
 from framework.sharding import MeshConfig
 
@@ -89,6 +89,11 @@ def workload(engine: Engine) -> dict[str, Any]:
     results = engine.sample(jobs)
     out["sample_tokens"] = [row.tokens for r in results for row in r.sequences]
     out["sample_logprobs"] = [np.asarray(row.logprobs, np.float32) for r in results for row in r.sequences]
+    # compute_logprobs of a sampled sequence and of a new one: through the prefix cache's rows
+    sampled = np.concatenate([jobs[0].prompt, np.asarray(results[0].sequences[0].tokens, np.int32)])
+    scored = engine.logprobs([LogprobsRequest(snapshot, sampled),
+                              LogprobsRequest(snapshot, rng.integers(3, vocab, 13).astype(np.int32))])
+    out["scored_logprobs"] = [lp[1:] for lp in scored]
     weights = engine.adapter_weights(a)
     out["placement"] = {
         "mesh": dict(engine.placement.mesh.shape),
