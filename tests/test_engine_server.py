@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import threading
 import time
 
@@ -18,6 +19,7 @@ import pytest
 
 from framework import ServiceClient, types
 from framework.engine import Engine, EngineConfig, ForwardRequest, LogprobsRequest, OptimRequest, SampleJob
+from framework.engine.prefix_cache import shared_prefix
 from framework.optim import AdamHyperparams
 from framework.scheduler import Scheduler, SchedulerClosed
 
@@ -452,6 +454,15 @@ def test_compute_logprobs_computes_only_what_the_prefix_cache_does_not_know(base
     got = cached.logprobs([LogprobsRequest(sids[0], rollout)])[0]
     assert computed() - before == 24 + 7
     np.testing.assert_allclose(got, plain.logprobs([LogprobsRequest(sids[1], rollout)])[0], atol=2e-5)
+    # the samples of one prompt scored under another snapshot (a reference model): the prompt once
+    samples = [np.concatenate([prompt, np.asarray(row.tokens, np.int32)])
+               for row in cached.sample([dataclasses.replace(job, num_samples=4)])[0].sequences]
+    common = min(shared_prefix(a, b) for a, b in itertools.combinations(samples, 2))
+    before = computed()
+    got = cached.logprobs([LogprobsRequest("base", t) for t in samples])
+    assert computed() - before == common + sum(len(t) - common + 1 for t in samples)
+    for a, b in zip(got, plain.logprobs([LogprobsRequest("base", t) for t in samples]), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5)
     assert cached.compile_counts["forward"] == 0 and plain.compile_counts["score"] == 0
 
 

@@ -9,6 +9,9 @@ than `MIN_SHARED` are fed through rather than split. Rows of any requests and sn
 through one compiled step per shape bucket, in calls that hold at most `token_budget` cache
 positions.
 
+Requests of one call that share a prefix nobody knows yet (the samples of one prompt, scored under
+a reference model) score it first, once, as a request of its own.
+
 The scored sequence then goes back to the cache with all its logprobs (the row that fed the tail
 holds the whole sequence's keys/values), so a later request that extends it (the next turn's
 `compute_logprobs`, a reference pass after sampling) computes only its new tokens. Results equal
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from framework.engine.placement import Placement
-from framework.engine.prefix_cache import MIN_SHARED, PrefixCache, PrefixEntry
+from framework.engine.prefix_cache import MIN_SHARED, PrefixCache, PrefixEntry, shared_prefix
 from framework.engine.requests import LogprobsRequest
 from framework.engine.shapes import bucket
 from framework.engine.training import stack_adapters
@@ -83,7 +87,43 @@ class PrefixScorer:
     def logprobs(self, requests: Sequence[LogprobsRequest], adapters: tuple, scales: np.ndarray,
                  group: dict[str, int]) -> list[np.ndarray]:
         """log p(token_t | tokens_<t) of each request (first entry NaN); `adapters[group[snapshot]]` is a
-        request's snapshot weights (`scales` theirs)."""
+        request's snapshot weights (`scales` theirs).
+
+        Requests that share a prefix the cache does not know (the samples of one prompt, scored under a
+        reference model) first score that prefix once, as a request of its own; then each of them
+        finds it in the cache and feeds only its own tokens."""
+        prefixes = self._shared_prefixes(requests)
+        if prefixes:
+            self._logprobs(prefixes, adapters, scales, group)
+        self.stats["requests"] += len(requests)
+        self.stats["tokens"] += sum(len(r.tokens) for r in requests)
+        return self._logprobs(requests, adapters, scales, group)
+
+    def _shared_prefixes(self, requests: Sequence[LogprobsRequest]) -> list[LogprobsRequest]:
+        """The prefixes (≥ `MIN_SHARED` tokens) that two or more requests of a snapshot share and whose
+        logprobs the cache does not know yet."""
+        order = sorted(range(len(requests)), key=lambda i: (requests[i].snapshot_id, requests[i].tokens.tobytes()))
+        groups: list[tuple[list[int], int]] = []  # (members, common prefix length), members adjacent in `order`
+        for prev, i in itertools.pairwise(order):
+            a, b = requests[prev], requests[i]
+            common = shared_prefix(a.tokens, b.tokens) if a.snapshot_id == b.snapshot_id else 0
+            if common < MIN_SHARED:
+                continue
+            if groups and groups[-1][0][-1] == prev:
+                groups[-1] = ([*groups[-1][0], i], min(groups[-1][1], common))
+            else:
+                groups.append(([prev, i], common))
+        prefixes = []
+        for members, common in groups:
+            request = requests[members[0]]
+            entry, _ = self._prefix.lookup(request.snapshot_id, request.tokens[:common], max_shared=common, count=False)
+            known = entry.known_logprobs(request.tokens[:common]) if entry is not None else None
+            if known is None or np.isnan(known[1:]).sum() >= MIN_SHARED:
+                prefixes.append(LogprobsRequest(request.snapshot_id, request.tokens[:common]))
+        return prefixes
+
+    def _logprobs(self, requests: Sequence[LogprobsRequest], adapters: tuple, scales: np.ndarray,
+                  group: dict[str, int]) -> list[np.ndarray]:
         results, entries = [], []
         runs: dict[tuple[str, bytes], _Run] = {}  # rows by what they compute: the samples of one prompt share it
         for i, request in enumerate(requests):
@@ -100,8 +140,6 @@ class PrefixScorer:
                 run.requests.append(i)
                 run.remember |= b == n and shared < n
             self._prefix.count_reused(n - 1 - int(np.isnan(known[1:]).sum()))
-            self.stats["requests"] += 1
-            self.stats["tokens"] += n
         tails: dict[int, jax.Array] = {}
         for call in self._calls(list(runs.values())):
             tails.update(self._run_call(call, requests, results, adapters, scales, group))
