@@ -63,10 +63,10 @@ def main() -> None:
             engines[name] = (engine, engine.publish(adapter.adapter_id).snapshot_id)
         best: dict[str, dict[str, float]] = {}
         computed: dict[str, dict[str, int]] = {}
-        for workload in ("fresh", "after_sample", "reference"):
+        for w, workload in enumerate(("fresh", "after_sample", "reference")):
             for repeat in range(args.repeats + 1):  # repeat 0 warms up (compiles)
                 for name, (engine, snapshot) in engines.items():
-                    batches = workloads(engine, snapshot)[workload](1000 * repeat + 7)
+                    batches = workloads(engine, snapshot)[workload](1000 * repeat + 10 * w)
                     before = engine.metrics()["logprobs"]["computed_tokens"]
                     seconds = timed(lambda e=engine, b=batches: [e.logprobs(batch) for batch in b])
                     if not repeat:

@@ -433,9 +433,8 @@ class DecodeLoop:
             sequence = np.concatenate([job.prompt, np.asarray(rows.tokens[row][:keep], np.int32)])
             logprobs = np.concatenate([running.prompt_logprobs, np.asarray(rows.logprobs[row][:keep], np.float32)])
             fed = int(rows.prompt_len[row]) + len(rows.tokens[row])  # every emitted token was fed
-            covering = self._prefix.covering(job.snapshot_id, sequence)
-            if covering is not None:
-                covering.learn_logprobs(logprobs)
+            if self._prefix.covering(job.snapshot_id, sequence) is not None:
+                self._prefix.learn_logprobs(job.snapshot_id, sequence, logprobs)
             else:
                 kv = self.extract_entry(self._cache, jnp.int32(row), length=min(bucket(fed, 16), self._capacity))
                 self._prefix.insert(job.snapshot_id, sequence, kv, logprobs)

@@ -46,10 +46,6 @@ class PrefixEntry:
         out[:shared] = self.logprobs[:shared]
         return out
 
-    def learn_logprobs(self, logprobs: np.ndarray) -> None:
-        """Fill in unknown logprobs of the entry's first `len(logprobs)` tokens."""
-        head = self.logprobs[: len(logprobs)]
-        np.copyto(head, logprobs[: len(head)], where=np.isnan(head))
 
 
 def shared_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -111,6 +107,13 @@ class PrefixCache:
                 return entry
         return None
 
+    def learn_logprobs(self, snapshot_id: str, tokens: np.ndarray, logprobs: np.ndarray) -> None:
+        """Teach every entry of the snapshot the `logprobs` of `tokens` it shares with them (where unknown)."""
+        for key in self._by_snapshot.get(snapshot_id, ()):
+            entry = self._entries[key]
+            head = entry.logprobs[: shared_prefix(entry.tokens, tokens)]
+            np.copyto(head, logprobs[: len(head)], where=np.isnan(head))
+
     def insert(self, snapshot_id: str, tokens: np.ndarray, kv: jax.Array, logprobs: np.ndarray | None = None) -> None:
         """Cache `kv` (of `tokens`, with their `logprobs` where known: NaN elsewhere)."""
         if not self.enabled or kv.nbytes > self.budget_bytes:
@@ -129,6 +132,7 @@ class PrefixCache:
         self.bytes += entry.nbytes
         while self.bytes > self.budget_bytes:
             self._drop(next(iter(self._entries)))
+        self.learn_logprobs(snapshot_id, tokens, logprobs)
 
     def purge(self, snapshot_id: str) -> None:
         for key in list(self._by_snapshot.get(snapshot_id, ())):

@@ -200,8 +200,8 @@ class PrefixScorer:
     def _remember(self, request: LogprobsRequest, logprobs: np.ndarray, entry: PrefixEntry | None, shared: int,
                   kv: jax.Array | None) -> None:
         """Put the scored sequence (all its logprobs) back into the prefix cache."""
-        if entry is not None and shared == len(request.tokens):  # the entry holds it all: it learns the logprobs
-            entry.learn_logprobs(logprobs)
+        if entry is not None and shared == len(request.tokens):  # cached already: the entries learn the logprobs
+            self._prefix.learn_logprobs(request.snapshot_id, request.tokens, logprobs)
         elif kv is not None:
             self._prefix.insert(request.snapshot_id, request.tokens, kv, logprobs)
 
