@@ -375,14 +375,18 @@ class DecodeLoop:
         bank = self._registry.bank
         steps = self.chunk if self._continuous else bucket(int((rows.budget - rows.counts)[rows.active].max()))
         active_before = rows.active.copy()
-        # The snapshots this chunk reads, padded to a power of two with the empty slot: a decode step
-        # multiplies each row by every one of them (one-hot), so only these, not the whole bank.
+        # Few snapshots (≤ ONE_HOT_MAX_SLOTS): the chunk multiplies each row by every one of them (one-hot),
+        # so it reads only these, padded to a power of two with the empty slot. More: each row gathers its
+        # own slot of the whole bank, which costs the same whatever the number in use, so one program
+        # serves them all (`used` None) instead of one per power of two.
         in_use = sorted({int(rows.slot[r]) for r in np.flatnonzero(rows.active)})
-        used = np.zeros(bucket(len(in_use)), np.int32)
-        used[: len(in_use)] = in_use
-        local = np.zeros(len(rows.owner), np.int32)
-        for i, slot in enumerate(in_use):
-            local[rows.slot == slot] = i
+        used, local = None, rows.slot
+        if len(in_use) <= ONE_HOT_MAX_SLOTS:
+            used = np.zeros(bucket(len(in_use)), np.int32)
+            used[: len(in_use)] = in_use
+            local = np.zeros(len(rows.owner), np.int32)
+            for i, slot in enumerate(in_use):
+                local[rows.slot == slot] = i
         out = self._chunk(self._base, bank.weights, bank.scales, used, local, self._cache, self._logits,
                           rows.key_data, rows.temperature, rows.top_p, rows.top_k, rows.stop, rows.counts,
                           rows.budget, rows.active, steps=steps, topk=topk)
@@ -490,9 +494,11 @@ class DecodeLoop:
                     top_k, stop, counts, budget, active, *, steps: int, topk: int) -> dict[str, Any]:
         self.compile_counts["decode"] += 1
         model = self._model(base)
-        bank = LoraBank(jax.tree.map(lambda w: w[:, used], bank_weights), bank_scales[used])
-        # Built here, outside the loop, so the adapters are laid out (or gathered) once per chunk.
-        hook = self._placement.hook(bank, slot, one_hot=bank.num_slots <= ONE_HOT_MAX_SLOTS)
+        if used is None:  # every row gathers its own slot of the whole bank
+            hook = self._placement.hook(LoraBank(bank_weights, bank_scales), slot)
+        else:  # the few slots in use, one-hot; laid out here, outside the loop, once per chunk
+            bank = LoraBank(jax.tree.map(lambda w: w[:, used], bank_weights), bank_scales[used])
+            hook = self._placement.hook(bank, slot, one_hot=True)
         params = RowParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=budget,
                            keys=jax.random.wrap_key_data(key_data), stop_tokens=stop)
         rows = counts.shape[0]
