@@ -67,15 +67,23 @@ async def _create(state: ServerState, owner: str, row: st.ModelRow, kind: str, b
     return entry
 
 
+def _claim_model_id(state: ServerState, owner: str, session_id: str,
+                    model_seq_id: int) -> tuple[st.SessionRow, str, Entry | None]:
+    """The session, the id its new model `model_seq_id` gets, and the creation already under way for that id
+    (a retried request), if any; an id taken by a finished creation is refused."""
+    session = state.open_session(owner, session_id)
+    model_id = f"{session.id}:train:{model_seq_id}"
+    existing = _existing_creation(state, owner, model_id)
+    if existing is None and state.store.get(st.ModelRow, model_id) is not None:
+        raise BadRequest(f"model_seq_id: model {model_id!r} already exists")
+    return session, model_id, existing
+
+
 @router.post("/create_model")
 async def create_model(req: CreateModelRequest, owner: Owner, state: State) -> UntypedAPIFuture:
-    session = state.open_session(owner, req.session_id)
-    model_id = f"{session.id}:train:{req.model_seq_id}"
-    existing = _existing_creation(state, owner, model_id)
+    session, model_id, existing = _claim_model_id(state, owner, req.session_id, req.model_seq_id)
     if existing is not None:
         return queued(existing, model_id=model_id)
-    if state.store.get(st.ModelRow, model_id) is not None:
-        raise BadRequest(f"model_seq_id: model {model_id!r} already exists")
     base = state.base_model(req.base_model)
     if req.lora_config is None:
         raise BadRequest("lora_config: required; this server trains LoRA adapters only")
@@ -101,13 +109,9 @@ async def create_from_checkpoint(state: ServerState, owner: str, req: LoadWeight
     """`load_weights` with `session_id` + `model_seq_id`: a new model holding a checkpoint's weights."""
     if req.model_seq_id is None:
         raise BadRequest("model_seq_id: required with session_id (create a model by loading a checkpoint)")
-    session = state.open_session(owner, req.session_id or "")
-    model_id = f"{session.id}:train:{req.model_seq_id}"
-    existing = _existing_creation(state, owner, model_id)
+    session, model_id, existing = _claim_model_id(state, owner, req.session_id or "", req.model_seq_id)
     if existing is not None:
         return queued(existing, model_id=model_id)
-    if state.store.get(st.ModelRow, model_id) is not None:
-        raise BadRequest(f"model_seq_id: model {model_id!r} already exists")
     if req.optimizer_config is not None and req.optimizer:
         raise BadRequest("optimizer_config: cannot be set when restoring the checkpoint's optimizer state")
     checkpoint = state.checkpoint(owner, req.path, kind="training")

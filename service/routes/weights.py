@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Request
 
@@ -66,6 +68,24 @@ def _check_new(state: ServerState, model: st.ModelRow, segment: str, name: str, 
         raise BadRequest(f"path: checkpoint {tinker_path!r} already exists; pass overwrite=True to replace it")
 
 
+def _save(state: ServerState, owner: str, model: st.ModelRow, req: SaveWeightsRequest | SaveWeightsForSamplerRequest,
+          future_type: str, save: Callable[[], Any], *, kind: str, name: str) -> Entry:
+    """Queue a checkpoint write in the model's request order: `save()` starts it on the engine's I/O pool;
+    once written, the checkpoint is recorded as `kind` (training | sampler) under `name`."""
+
+    async def start(entry: Entry) -> None:
+        api = save()
+
+        async def work() -> Payload:
+            out = await state.bridge.result(api)
+            path = _record(state, owner, model, kind, name, out.path, req.ttl_seconds, req.user_metadata)
+            return Payload("json", json_payload({"path": path, "type": future_type}))
+
+        state.futures.run(entry, work)
+
+    return state.enqueue(owner, future_type, model, req.seq_id, start)
+
+
 @router.post("/save_weights", openapi_extra=json_body(SaveWeightsRequest))
 async def save_weights(request: Request, owner: Owner, state: State) -> UntypedAPIFuture:
     req = await parse_ordered(request, SaveWeightsRequest, state, owner)
@@ -74,17 +94,9 @@ async def save_weights(request: Request, owner: Owner, state: State) -> UntypedA
     with state.numbered(model, req.seq_id):
         _check_new(state, model, "weights", name, req.overwrite)
 
-    async def start(entry: Entry) -> None:
-        api = state.bridge.save_state(model.id, name, True)
-
-        async def work() -> Payload:
-            out = await state.bridge.result(api)
-            path = _record(state, owner, model, "training", name, out.path, req.ttl_seconds, req.user_metadata)
-            return Payload("json", json_payload({"path": path, "type": "save_weights"}))
-
-        state.futures.run(entry, work)
-
-    return queued(state.enqueue(owner, "save_weights", model, req.seq_id, start), model_id=model.id)
+    entry = _save(state, owner, model, req, "save_weights", lambda: state.bridge.save_state(model.id, name, True),
+                  kind="training", name=name)
+    return queued(entry, model_id=model.id)
 
 
 @router.post("/save_weights_for_sampler", openapi_extra=json_body(SaveWeightsForSamplerRequest))
@@ -99,18 +111,9 @@ async def save_weights_for_sampler(request: Request, owner: Owner, state: State)
             raise BadRequest("path: required (or sampling_session_seq_id for an in-memory sampler)")
     if req.path is not None:
         name = req.path
-
-        async def start(entry: Entry) -> None:
-            api = state.bridge.save_sampler_weights(model.id, name)
-
-            async def work() -> Payload:
-                out = await state.bridge.result(api)
-                path = _record(state, owner, model, "sampler", name, out.path, req.ttl_seconds, req.user_metadata)
-                return Payload("json", json_payload({"path": path, "type": "save_weights_for_sampler"}))
-
-            state.futures.run(entry, work)
-
-        return queued(state.enqueue(owner, "save_weights_for_sampler", model, req.seq_id, start), model_id=model.id)
+        entry = _save(state, owner, model, req, "save_weights_for_sampler",
+                      lambda: state.bridge.save_sampler_weights(model.id, name), kind="sampler", name=name)
+        return queued(entry, model_id=model.id)
 
     sampler_id = f"{model.session_id}:sample:{req.sampling_session_seq_id}"
     retry = req.seq_id is not None and state.store.future_for_seq(model_id=model.id, seq_id=req.seq_id) is not None
