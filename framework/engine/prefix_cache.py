@@ -121,9 +121,11 @@ class PrefixCache:
         tokens = np.asarray(tokens, np.int32)
         logprobs = (np.full(len(tokens), np.nan, np.float32) if logprobs is None
                     else np.asarray(logprobs, np.float32).copy())
-        for key in list(self._by_snapshot.get(snapshot_id, ())):  # entries the new one extends
+        for key in list(self._by_snapshot.get(snapshot_id, ())):  # entries the new one extends (and what they knew)
             entry = self._entries[key]
             if len(entry.tokens) <= len(tokens) and shared_prefix(entry.tokens, tokens) == len(entry.tokens):
+                head = logprobs[: len(entry.tokens)]
+                np.copyto(head, entry.logprobs, where=np.isnan(head))
                 self._drop(key)
         self._ids += 1
         entry = PrefixEntry(snapshot_id, tokens, kv, logprobs)

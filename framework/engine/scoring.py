@@ -51,7 +51,7 @@ class _Run:
     start: int
     stop: int
     entry: PrefixEntry | None  # the keys/values of positions < start come from it
-    remember: bool  # the tail of a sequence the cache does not hold yet: its keys/values go to the cache
+    tail_of: int | None = None  # the request whose last tokens this row feeds (its keys/values are kept)
 
 
 def unknown_runs(logprobs: np.ndarray) -> list[tuple[int, int]]:
@@ -91,61 +91,70 @@ class PrefixScorer:
 
         Requests that share a prefix the cache does not know (the samples of one prompt, scored under a
         reference model) first score that prefix once, as a request of its own; then each of them
-        finds it in the cache and feeds only its own tokens."""
-        prefixes = self._shared_prefixes(requests)
-        if prefixes:
-            self._logprobs(prefixes, adapters, scales, group)
+        starts from it and feeds only its own tokens."""
+        requests = [LogprobsRequest(r.snapshot_id, np.asarray(r.tokens, np.int32)) for r in requests]
         self.stats["requests"] += len(requests)
         self.stats["tokens"] += sum(len(r.tokens) for r in requests)
-        return self._logprobs(requests, adapters, scales, group)
+        prefixes = self._shared_prefixes(requests)
+        # The scored prefixes are held here, not only in the cache, which may evict them meanwhile.
+        scored = self._logprobs(prefixes, adapters, scales, group, [])[1] if prefixes else []
+        return self._logprobs(requests, adapters, scales, group, scored)[0]
 
     def _shared_prefixes(self, requests: Sequence[LogprobsRequest]) -> list[LogprobsRequest]:
-        """The prefixes (≥ `MIN_SHARED` tokens) that two or more requests of a snapshot share and whose
-        logprobs the cache does not know yet."""
+        """The longest prefixes (≥ `MIN_SHARED` tokens) that two or more requests of a snapshot share and
+        whose logprobs the cache does not know yet. Of a prefix and one extending it, only the longer is
+        scored (the shorter is scored with it): for prompts behind one system prompt, the prompts."""
         order = sorted(range(len(requests)), key=lambda i: (requests[i].snapshot_id, requests[i].tokens.tobytes()))
-        groups: list[tuple[list[int], int]] = []  # (members, common prefix length), members adjacent in `order`
-        for prev, i in itertools.pairwise(order):
-            a, b = requests[prev], requests[i]
+        found: dict[tuple[str, bytes], LogprobsRequest] = {}
+        for a, b in itertools.pairwise(requests[i] for i in order):  # sorted: the longest shared prefixes neighbour
             common = shared_prefix(a.tokens, b.tokens) if a.snapshot_id == b.snapshot_id else 0
-            if common < MIN_SHARED:
-                continue
-            if groups and groups[-1][0][-1] == prev:
-                groups[-1] = ([*groups[-1][0], i], min(groups[-1][1], common))
-            else:
-                groups.append(([prev, i], common))
+            if common >= MIN_SHARED:
+                found[(a.snapshot_id, a.tokens[:common].tobytes())] = LogprobsRequest(a.snapshot_id, a.tokens[:common])
         prefixes = []
-        for members, common in groups:
-            request = requests[members[0]]
-            entry, _ = self._prefix.lookup(request.snapshot_id, request.tokens[:common], max_shared=common, count=False)
-            known = entry.known_logprobs(request.tokens[:common]) if entry is not None else None
-            if known is None or np.isnan(known[1:]).sum() >= MIN_SHARED:
-                prefixes.append(LogprobsRequest(request.snapshot_id, request.tokens[:common]))
+        for p in found.values():
+            if any(len(q.tokens) > len(p.tokens) and q.snapshot_id == p.snapshot_id
+                   and shared_prefix(q.tokens, p.tokens) == len(p.tokens) for q in found.values()):
+                continue  # a longer one extends it
+            entry, _ = self._prefix.lookup(p.snapshot_id, p.tokens, max_shared=len(p.tokens), count=False)
+            if entry is None or np.isnan(entry.known_logprobs(p.tokens)[1:]).sum() >= MIN_SHARED:
+                prefixes.append(p)
         return prefixes
 
+    def _lookup(self, request: LogprobsRequest, scored: Sequence[PrefixEntry]) -> tuple[PrefixEntry | None, int]:
+        """The cache entry, or the entry scored earlier in this call, sharing the longest prefix."""
+        n = len(request.tokens)
+        best, best_len = self._prefix.lookup(request.snapshot_id, request.tokens, max_shared=n, count=False)
+        for entry in scored:
+            common = shared_prefix(entry.tokens, request.tokens) if entry.snapshot_id == request.snapshot_id else 0
+            if common > best_len and common >= MIN_SHARED:
+                best, best_len = entry, common
+        return best, best_len
+
     def _logprobs(self, requests: Sequence[LogprobsRequest], adapters: tuple, scales: np.ndarray,
-                  group: dict[str, int]) -> list[np.ndarray]:
-        results, entries = [], []
+                  group: dict[str, int], scored: Sequence[PrefixEntry]) -> tuple[list[np.ndarray], list[PrefixEntry]]:
+        """Each request's logprobs, and the entries holding the scored sequences (keys/values and logprobs)."""
+        results, found = [], []
         runs: dict[tuple[str, bytes], _Run] = {}  # rows by what they compute: the samples of one prompt share it
         for i, request in enumerate(requests):
             tokens, n = request.tokens, len(request.tokens)
-            entry, shared = self._prefix.lookup(request.snapshot_id, tokens, max_shared=n, count=False)
+            entry, shared = self._lookup(request, scored)
             known = entry.known_logprobs(tokens) if entry is not None else np.full(n, np.nan, np.float32)
-            entries.append((entry, shared))
+            found.append((entry, shared))
             results.append(known)
             for a, b in unknown_runs(known):
                 key = (request.snapshot_id, tokens[:b].tobytes())
-                run = runs.setdefault(key, _Run([], a - 1, b, entry if a - 1 > 0 else None, remember=False))
+                run = runs.setdefault(key, _Run([], a - 1, b, entry if a - 1 > 0 else None))
                 if a - 1 < run.start:  # this request knows less: the shared row starts where it needs
                     run.start, run.entry = a - 1, entry if a - 1 > 0 else None
                 run.requests.append(i)
-                run.remember |= b == n and shared < n
+                if b == n and shared < n:
+                    run.tail_of = i
             self._prefix.count_reused(n - 1 - int(np.isnan(known[1:]).sum()))
         tails: dict[int, jax.Array] = {}
         for call in self._calls(list(runs.values())):
             tails.update(self._run_call(call, requests, results, adapters, scales, group))
-        for i, request in enumerate(requests):
-            self._remember(request, results[i], *entries[i], tails.get(i))
-        return results
+        entries = [self._remember(request, results[i], *found[i], tails.get(i)) for i, request in enumerate(requests)]
+        return results, [e for e in entries if e is not None]
 
     def _calls(self, runs: list[_Run]) -> list[list[_Run]]:
         """Runs grouped into calls of at most `token_budget` cache positions (a run alone may exceed it)."""
@@ -192,18 +201,25 @@ class PrefixScorer:
             fresh = logprobs[k, : run.stop - run.start - 1]
             for i in run.requests:
                 results[i][span] = np.where(np.isnan(results[i][span]), fresh, results[i][span])
-            if run.remember and self._prefix.enabled:  # this row holds the whole sequence's keys/values
-                n = run.stop
-                tails[run.requests[0]] = self._extract_entry(cache, jnp.int32(k), length=min(bucket(n, 16), capacity))
+            if run.tail_of is not None:  # this row holds the whole sequence's keys/values
+                length = min(bucket(run.stop, 16), capacity)
+                tails[run.tail_of] = self._extract_entry(cache, jnp.int32(k), length=length)
         return tails
 
     def _remember(self, request: LogprobsRequest, logprobs: np.ndarray, entry: PrefixEntry | None, shared: int,
-                  kv: jax.Array | None) -> None:
-        """Put the scored sequence (all its logprobs) back into the prefix cache."""
-        if entry is not None and shared == len(request.tokens):  # cached already: the entries learn the logprobs
-            self._prefix.learn_logprobs(request.snapshot_id, request.tokens, logprobs)
-        elif kv is not None:
-            self._prefix.insert(request.snapshot_id, request.tokens, kv, logprobs)
+                  kv: jax.Array | None) -> PrefixEntry | None:
+        """Put the scored sequence (all its logprobs) into the prefix cache; returns an entry holding it."""
+        sid, tokens = request.snapshot_id, request.tokens
+        if entry is not None and shared == len(tokens):  # held already: the entries learn the logprobs
+            self._prefix.learn_logprobs(sid, tokens, logprobs)
+            return entry
+        if kv is None:  # a one-token request: nothing to hold
+            return None
+        if self._prefix.covering(sid, tokens) is not None:  # a longer request of this call holds it now
+            self._prefix.learn_logprobs(sid, tokens, logprobs)
+        else:
+            self._prefix.insert(sid, tokens, kv, logprobs)
+        return PrefixEntry(sid, tokens, kv, logprobs.copy())
 
     def _score_impl(self, base, adapters, scales, cache, rows, tokens, targets, start, lengths):
         self.compile_counts["score"] += 1
