@@ -7,7 +7,7 @@ on two engines side by side (the default one, and one with `prefix_cache_mb=0`),
 - `after_sample`: the 8 sequences just sampled from a 64-token prompt (48 new tokens each), scored
   under the same sampler (their sampled tokens' logprobs are known; the prompt's are not);
 - `reference`: the same 8 sequences scored under the base model (a KL penalty's reference pass):
-  they share the prompt, which is scored once.
+  nothing is known of them under that snapshot, so both engines run the training forward.
 
 Each repeat samples new sequences (a new seed), so the cache never holds a workload's answer
 beforehand. Reports the best time of each and the tokens each engine computed.

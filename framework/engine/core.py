@@ -101,6 +101,7 @@ class Engine:
                                    compile_counts=self.compile_counts, min_capacity=self.config.min_seq_bucket,
                                    token_budget=self.config.max_batch_tokens, place_entry=self.decoder.place_entry,
                                    extract_entry=self.decoder.extract_entry)
+        self._cold_tokens = 0  # compute_logprobs tokens the cache knew nothing of (the training forward's)
         self._topk = jax.jit(self._topk_impl, static_argnames=("k",))
         self._ids = itertools.count()
         self._stats: collections.Counter[str] = collections.Counter()
@@ -364,18 +365,27 @@ class Engine:
         return {s: i for i, s in enumerate(unique)}, weights, scales
 
     def logprobs(self, requests: Sequence[LogprobsRequest]) -> list[np.ndarray]:
-        """log p(token_t | tokens_<t) for each request (first entry NaN), in one batch; with the prefix
-        cache, only the tokens whose logprobs no cached sequence holds are computed."""
+        """log p(token_t | tokens_<t) for each request (first entry NaN), in one batch. With the prefix cache,
+        a request it knows something of (a sampled sequence, one extending a scored one) computes only the
+        tokens whose logprobs no cached sequence holds; the others go through the training forward, so
+        they equal a training step's logprobs exactly."""
         self.collect()
         n = max(len(r.tokens) for r in requests)
         if n > self.max_seq_len:
             raise ValueError(f"sequence length {n} exceeds the engine's max_seq_len {self.max_seq_len}")
         group, weights, scales = self._snapshot_args([r.snapshot_id for r in requests])
-        if self.prefix_cache.enabled:
+        known: list[np.ndarray | None] = [None] * len(requests)
+        if self.prefix_cache.enabled:  # what the cache knows something of; the rest through the training forward
             t0 = time.perf_counter()
-            out = self.scorer.logprobs(requests, weights, scales, group)
+            known = self.scorer.logprobs(requests, weights, scales, group)
             self._seconds["logprobs"] += time.perf_counter() - t0
-            return out
+        cold = [r for r, k in zip(requests, known, strict=True) if k is None]
+        self._cold_tokens += sum(len(r.tokens) for r in cold)
+        computed = iter(self._forward_logprobs(cold, group, weights, scales) if cold else ())
+        return [k if k is not None else next(computed) for k in known]
+
+    def _forward_logprobs(self, requests: Sequence[LogprobsRequest], group: dict[str, int], weights: tuple,
+                          scales: np.ndarray) -> list[np.ndarray]:
         flat = [(group[r.snapshot_id],
                  DatumArrays(r.tokens, {"target_tokens": np.append(r.tokens[1:], 0).astype(np.int32),
                                         "weights": np.zeros(len(r.tokens), np.float32)}), {}) for r in requests]
@@ -460,8 +470,8 @@ class Engine:
                           "sampler_slot_loads": self.snapshots.slot_loads},
             "prefix_cache": {"entries": len(cache), "bytes": cache.bytes, "lookups": cache.lookups,
                              "hits": cache.hits, "cached_tokens": cache.cached_tokens},
-            "logprobs": {"requests": self.scorer.stats["requests"], "tokens": self.scorer.stats["tokens"],
-                         "computed_tokens": self.scorer.stats["fed_tokens"]},
+            "logprobs": {"cached_requests": self.scorer.stats["requests"], "cached_tokens": self.scorer.stats["tokens"],
+                         "computed_tokens": self.scorer.stats["fed_tokens"] + self._cold_tokens},
             "sampling": {"waiting": dec.waiting, "active_rows": dec.active_rows, "chunks": dec.stats["chunks"],
                          "tokens": dec.stats["tokens"], "prefill_tokens": dec.stats["prefill_tokens"],
                          "cached_prompt_tokens": dec.stats["cached_prompt_tokens"],

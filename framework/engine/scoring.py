@@ -7,23 +7,19 @@ positions `[a, b)` needs the logits at `a-1 .. b-1`, so its row feeds tokens `a-
 of the entry's keys/values for positions `< a-1` (`models.kv_cache.extend`); known gaps shorter
 than `MIN_SHARED` are fed through rather than split. Rows of any requests and snapshots go
 through one compiled step per shape bucket, in calls that hold at most `token_budget` cache
-positions.
+positions. The scored sequence goes back to the cache with all its logprobs (the row that fed the
+tail holds the whole sequence's keys/values), so a request extending it computes only its new tokens.
 
-Requests of one call that share a prefix nobody knows yet (the samples of one prompt, scored under
-a reference model) score it first, once, as a request of its own.
-
-The scored sequence then goes back to the cache with all its logprobs (the row that fed the tail
-holds the whole sequence's keys/values), so a later request that extends it (the next turn's
-`compute_logprobs`, a reference pass after sampling) computes only its new tokens. Results equal
-the uncached computation up to float rounding (a sampled token's logprob comes from the decode
-step).
+A request the cache knows nothing of is left to the engine's training forward: a sequence nothing
+has computed then gets exactly the logprobs a training step computes (a DPO policy equal to its
+reference has margin 0, a KL penalty at the start is 0). Reused logprobs equal the recomputed ones
+up to float rounding (a sampled token's comes from its decode step).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from framework.engine.placement import Placement
-from framework.engine.prefix_cache import MIN_SHARED, PrefixCache, PrefixEntry, shared_prefix
+from framework.engine.prefix_cache import MIN_SHARED, PrefixCache, PrefixEntry
 from framework.engine.requests import LogprobsRequest
 from framework.engine.shapes import bucket
 from framework.engine.training import stack_adapters
@@ -85,60 +81,23 @@ class PrefixScorer:
         self._score = jax.jit(self._score_impl, donate_argnames=("cache",))
 
     def logprobs(self, requests: Sequence[LogprobsRequest], adapters: tuple, scales: np.ndarray,
-                 group: dict[str, int]) -> list[np.ndarray]:
-        """log p(token_t | tokens_<t) of each request (first entry NaN); `adapters[group[snapshot]]` is a
-        request's snapshot weights (`scales` theirs).
-
-        Requests that share a prefix the cache does not know (the samples of one prompt, scored under a
-        reference model) first score that prefix once, as a request of its own; then each of them
-        starts from it and feeds only its own tokens."""
+                 group: dict[str, int]) -> list[np.ndarray | None]:
+        """log p(token_t | tokens_<t) of each request the cache knows something of (first entry NaN); None
+        for the others, which the caller computes with the training forward (so that a sequence nothing
+        has computed gets exactly the training step's logprobs: a policy equal to its reference scores
+        the same, bit for bit). `adapters[group[snapshot]]` is a request's snapshot weights."""
         requests = [LogprobsRequest(r.snapshot_id, np.asarray(r.tokens, np.int32)) for r in requests]
-        self.stats["requests"] += len(requests)
-        self.stats["tokens"] += sum(len(r.tokens) for r in requests)
-        prefixes = self._shared_prefixes(requests)
-        # The scored prefixes are held here, not only in the cache, which may evict them meanwhile.
-        scored = self._logprobs(prefixes, adapters, scales, group, [])[1] if prefixes else []
-        return self._logprobs(requests, adapters, scales, group, scored)[0]
-
-    def _shared_prefixes(self, requests: Sequence[LogprobsRequest]) -> list[LogprobsRequest]:
-        """The longest prefixes (≥ `MIN_SHARED` tokens) that two or more requests of a snapshot share and
-        whose logprobs the cache does not know yet. Of a prefix and one extending it, only the longer is
-        scored (the shorter is scored with it): for prompts behind one system prompt, the prompts."""
-        order = sorted(range(len(requests)), key=lambda i: (requests[i].snapshot_id, requests[i].tokens.tobytes()))
-        found: dict[tuple[str, bytes], LogprobsRequest] = {}
-        for a, b in itertools.pairwise(requests[i] for i in order):  # sorted: the longest shared prefixes neighbour
-            common = shared_prefix(a.tokens, b.tokens) if a.snapshot_id == b.snapshot_id else 0
-            if common >= MIN_SHARED:
-                found[(a.snapshot_id, a.tokens[:common].tobytes())] = LogprobsRequest(a.snapshot_id, a.tokens[:common])
-        prefixes = []
-        for p in found.values():
-            if any(len(q.tokens) > len(p.tokens) and q.snapshot_id == p.snapshot_id
-                   and shared_prefix(q.tokens, p.tokens) == len(p.tokens) for q in found.values()):
-                continue  # a longer one extends it
-            entry, _ = self._prefix.lookup(p.snapshot_id, p.tokens, max_shared=len(p.tokens), count=False)
-            if entry is None or np.isnan(entry.known_logprobs(p.tokens)[1:]).sum() >= MIN_SHARED:
-                prefixes.append(p)
-        return prefixes
-
-    def _lookup(self, request: LogprobsRequest, scored: Sequence[PrefixEntry]) -> tuple[PrefixEntry | None, int]:
-        """The cache entry, or the entry scored earlier in this call, sharing the longest prefix."""
-        n = len(request.tokens)
-        best, best_len = self._prefix.lookup(request.snapshot_id, request.tokens, max_shared=n, count=False)
-        for entry in scored:
-            common = shared_prefix(entry.tokens, request.tokens) if entry.snapshot_id == request.snapshot_id else 0
-            if common > best_len and common >= MIN_SHARED:
-                best, best_len = entry, common
-        return best, best_len
-
-    def _logprobs(self, requests: Sequence[LogprobsRequest], adapters: tuple, scales: np.ndarray,
-                  group: dict[str, int], scored: Sequence[PrefixEntry]) -> tuple[list[np.ndarray], list[PrefixEntry]]:
-        """Each request's logprobs, and the entries holding the scored sequences (keys/values and logprobs)."""
-        results, found = [], []
+        results: list[np.ndarray | None] = []
+        found: list[tuple[PrefixEntry | None, int]] = []
         runs: dict[tuple[str, bytes], _Run] = {}  # rows by what they compute: the samples of one prompt share it
         for i, request in enumerate(requests):
             tokens, n = request.tokens, len(request.tokens)
-            entry, shared = self._lookup(request, scored)
-            known = entry.known_logprobs(tokens) if entry is not None else np.full(n, np.nan, np.float32)
+            entry, shared = self._prefix.lookup(request.snapshot_id, tokens, max_shared=n, count=False)
+            known = entry.known_logprobs(tokens) if entry is not None else None
+            if known is None or np.isnan(known[1:]).all():
+                results.append(None)
+                found.append((None, 0))
+                continue
             found.append((entry, shared))
             results.append(known)
             for a, b in unknown_runs(known):
@@ -150,11 +109,15 @@ class PrefixScorer:
                 if b == n and shared < n:
                     run.tail_of = i
             self._prefix.count_reused(n - 1 - int(np.isnan(known[1:]).sum()))
+            self.stats["requests"] += 1
+            self.stats["tokens"] += n
         tails: dict[int, jax.Array] = {}
         for call in self._calls(list(runs.values())):
             tails.update(self._run_call(call, requests, results, adapters, scales, group))
-        entries = [self._remember(request, results[i], *found[i], tails.get(i)) for i, request in enumerate(requests)]
-        return results, [e for e in entries if e is not None]
+        for i, request in enumerate(requests):
+            if results[i] is not None:
+                self._remember(request, results[i], *found[i], tails.get(i))
+        return results
 
     def _calls(self, runs: list[_Run]) -> list[list[_Run]]:
         """Runs grouped into calls of at most `token_budget` cache positions (a run alone may exceed it)."""
@@ -174,7 +137,7 @@ class PrefixScorer:
     def _capacity(self, runs: list[_Run]) -> int:
         return bucket(max(r.start for r in runs) + self._width(runs), self._min_capacity)
 
-    def _run_call(self, runs: list[_Run], requests: Sequence[LogprobsRequest], results: list[np.ndarray],
+    def _run_call(self, runs: list[_Run], requests: Sequence[LogprobsRequest], results: list[np.ndarray | None],
                   adapters: tuple, scales: np.ndarray, group: dict[str, int]) -> dict[int, jax.Array]:
         """Score `runs` in one compiled call, filling in `results`; returns the keys/values of each request
         whose tail was fed here (its whole sequence), for the prefix cache."""
@@ -200,26 +163,21 @@ class PrefixScorer:
             span = slice(run.start + 1, run.stop)
             fresh = logprobs[k, : run.stop - run.start - 1]
             for i in run.requests:
-                results[i][span] = np.where(np.isnan(results[i][span]), fresh, results[i][span])
+                out = results[i]
+                out[span] = np.where(np.isnan(out[span]), fresh, out[span])
             if run.tail_of is not None:  # this row holds the whole sequence's keys/values
                 length = min(bucket(run.stop, 16), capacity)
                 tails[run.tail_of] = self._extract_entry(cache, jnp.int32(k), length=length)
         return tails
 
     def _remember(self, request: LogprobsRequest, logprobs: np.ndarray, entry: PrefixEntry | None, shared: int,
-                  kv: jax.Array | None) -> PrefixEntry | None:
-        """Put the scored sequence (all its logprobs) into the prefix cache; returns an entry holding it."""
+                  kv: jax.Array | None) -> None:
+        """Put the scored sequence (all its logprobs) into the prefix cache."""
         sid, tokens = request.snapshot_id, request.tokens
-        if entry is not None and shared == len(tokens):  # held already: the entries learn the logprobs
-            self._prefix.learn_logprobs(sid, tokens, logprobs)
-            return entry
-        if kv is None:  # a one-token request: nothing to hold
-            return None
-        if self._prefix.covering(sid, tokens) is not None:  # a longer request of this call holds it now
-            self._prefix.learn_logprobs(sid, tokens, logprobs)
-        else:
+        if (entry is not None and shared == len(tokens)) or self._prefix.covering(sid, tokens) is not None:
+            self._prefix.learn_logprobs(sid, tokens, logprobs)  # held already (or by a longer request of this call)
+        elif kv is not None:
             self._prefix.insert(sid, tokens, kv, logprobs)
-        return PrefixEntry(sid, tokens, kv, logprobs.copy())
 
     def _score_impl(self, base, adapters, scales, cache, rows, tokens, targets, start, lengths):
         self.compile_counts["score"] += 1
