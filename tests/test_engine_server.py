@@ -452,6 +452,18 @@ def test_compute_logprobs_computes_only_what_the_prefix_cache_does_not_know(base
     got = cached.logprobs([LogprobsRequest(sids[0], rollout)])[0]
     assert computed() - before == 24 + 7
     np.testing.assert_allclose(got, plain.logprobs([LogprobsRequest(sids[1], rollout)])[0], atol=2e-5)
+    # the official SDK's compute_logprobs (a one-token sample asking for prompt logprobs) of one context with
+    # two completions: the first runs the training forward, and what it computes teaches the context's cached
+    # keys/values, so the second computes only its completion
+    context = rng.integers(3, VOCAB, 30).astype(np.int32)
+    for k, completion in enumerate(rng.integers(3, VOCAB, (2, 6)).astype(np.int32)):
+        tokens = np.concatenate([context, completion])
+        before = computed()
+        got, expected = (e.sample([dataclasses.replace(job, snapshot_id=sid, prompt=tokens, num_samples=1, max_tokens=1,
+                                                       prompt_logprobs=True)])[0].prompt_logprobs
+                         for e, sid in ((cached, sids[0]), (plain, sids[1])))
+        assert computed() - before == (len(tokens) if k == 0 else len(completion) + 1)
+        np.testing.assert_allclose(got, expected, atol=2e-5)
     # sequences the cache knows nothing of under a snapshot (samples scored under a reference model) take
     # the training forward: the same logprobs as the engine without the cache, bit for bit
     samples = [np.concatenate([prompt, np.asarray(row.tokens, np.int32)])

@@ -381,8 +381,11 @@ class Engine:
             self._seconds["logprobs"] += time.perf_counter() - t0
         cold = [r for r, k in zip(requests, known, strict=True) if k is None]
         self._cold_tokens += sum(len(r.tokens) for r in cold)
-        computed = iter(self._forward_logprobs(cold, group, weights, scales) if cold else ())
-        return [k if k is not None else next(computed) for k in known]
+        computed = self._forward_logprobs(cold, group, weights, scales) if cold else []
+        for request, logprobs in zip(cold, computed, strict=True):  # cached keys/values of these tokens learn them
+            self.prefix_cache.learn_logprobs(request.snapshot_id, request.tokens, logprobs)
+        fill = iter(computed)
+        return [k if k is not None else next(fill) for k in known]
 
     def _forward_logprobs(self, requests: Sequence[LogprobsRequest], group: dict[str, int], weights: tuple,
                           scales: np.ndarray) -> list[np.ndarray]:
