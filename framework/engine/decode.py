@@ -41,7 +41,8 @@ import numpy as np
 from flax import nnx
 
 from framework.engine.placement import Placement
-from framework.engine.prefix_cache import PrefixCache
+from framework.engine.pool_rows import PoolRows, Running
+from framework.engine.prefix_cache import PrefixCache, extract_entry, place_entry
 from framework.engine.requests import SampledRow, SampleJob, SampleResult, TopK
 from framework.engine.shapes import bucket
 from framework.engine.snapshots import NoFreeSlot, Snapshot, SnapshotRegistry
@@ -50,76 +51,6 @@ from lora import ONE_HOT_MAX_SLOTS, LoraBank
 from models.kv_cache import KVCache, decode_step, extend
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class _Running:
-    """A request in flight: which of its samples are done, which rows hold the others."""
-
-    job: SampleJob
-    future: Future
-    snapshot: Snapshot
-    submitted: float
-    results: list[SampledRow | None]
-    next_sample: int = 0  # samples [0, next_sample) have been admitted
-    cached_tokens: int = 0
-    prompt_logprobs: np.ndarray | None = None  # what the prefix cache knows of the prompt's (NaN elsewhere)
-    started: bool = False  # its future was marked running (at its first admission)
-    settled: bool = False  # its future is resolved and its snapshot reference released
-
-    @property
-    def finished(self) -> bool:
-        return all(r is not None for r in self.results)
-
-
-@dataclasses.dataclass
-class _Rows:
-    """Host-side state of the pool's rows (numpy, one entry per row)."""
-
-    owner: list[_Running | None]
-    sample: np.ndarray  # int32: the sample index of the row's request
-    active: np.ndarray  # bool
-    counts: np.ndarray  # int32: tokens emitted so far
-    budget: np.ndarray  # int32
-    temperature: np.ndarray
-    top_p: np.ndarray
-    top_k: np.ndarray
-    slot: np.ndarray  # int32: sampler bank slot
-    key_data: np.ndarray  # uint32 [R, 2]
-    stop: np.ndarray  # int32 [R, M], -1 padded
-    tokens: list[list[int]]
-    logprobs: list[list[float]]
-    topk_ids: list[list[np.ndarray]]
-    topk_logprobs: list[list[np.ndarray]]
-    prompt_len: np.ndarray  # int32
-
-    @classmethod
-    def empty(cls, rows: int, stop_width: int) -> _Rows:
-        return cls(owner=[None] * rows, sample=np.zeros(rows, np.int32), active=np.zeros(rows, bool),
-                   counts=np.zeros(rows, np.int32), budget=np.zeros(rows, np.int32),
-                   temperature=np.ones(rows, np.float32), top_p=np.ones(rows, np.float32),
-                   top_k=np.full(rows, -1, np.int32), slot=np.zeros(rows, np.int32),
-                   key_data=np.zeros((rows, 2), np.uint32), stop=np.full((rows, stop_width), -1, np.int32),
-                   tokens=[[] for _ in range(rows)], logprobs=[[] for _ in range(rows)],
-                   topk_ids=[[] for _ in range(rows)], topk_logprobs=[[] for _ in range(rows)],
-                   prompt_len=np.zeros(rows, np.int32))
-
-    def take(self, index: list[int], rows: int, stop_width: int) -> _Rows:
-        """Rows `index` moved to positions 0.. of a pool of `rows` rows."""
-        out = _Rows.empty(rows, stop_width)
-        for new, old in enumerate(index):
-            out.owner[new] = self.owner[old]
-            for name in ("sample", "active", "counts", "budget", "temperature", "top_p", "top_k", "slot", "key_data",
-                         "prompt_len"):
-                getattr(out, name)[new] = getattr(self, name)[old]
-            width = min(stop_width, self.stop.shape[1])
-            out.stop[new, :width] = self.stop[old, :width]
-            for name in ("tokens", "logprobs", "topk_ids", "topk_logprobs"):
-                getattr(out, name)[new] = getattr(self, name)[old]
-        return out
-
-    def free(self) -> list[int]:
-        return [r for r, owner in enumerate(self.owner) if owner is None]
 
 
 class DecodeLoop:
@@ -139,9 +70,9 @@ class DecodeLoop:
         self._continuous, self._prefill_once = continuous, prefill_once  # off only to measure what they save
         self.compile_counts = compile_counts
         self._lock = threading.Lock()
-        self._waiting: collections.deque[_Running] = collections.deque()
+        self._waiting: collections.deque[Running] = collections.deque()
         self._stop_width = 4
-        self._rows = _Rows.empty(0, self._stop_width)
+        self._rows = PoolRows.empty(0, self._stop_width)
         self._cache: KVCache | None = None
         self._logits: jax.Array | None = None
         self._capacity = 0
@@ -152,15 +83,15 @@ class DecodeLoop:
         self._admit = jax.jit(self._admit_impl, donate_argnames=("cache", "logits"))
         self._resize = jax.jit(self._resize_impl, static_argnames=("rows", "capacity"))
         # Prefix-cache copies (the engine's scorer uses them too).
-        self.place_entry = jax.jit(lambda cache, kv, row: placement.constrain_cache(_place_entry(cache, kv, row)),
+        self.place_entry = jax.jit(lambda cache, kv, row: placement.constrain_cache(place_entry(cache, kv, row)),
                                    donate_argnames=("cache",))
         self.extract_entry = jax.jit(lambda cache, row, length: placement.constrain_prefix_entry(
-            _extract_entry(cache, row, length=length)), static_argnames=("length",))
+            extract_entry(cache, row, length=length)), static_argnames=("length",))
 
     # ------------------------------------------------------------------------------- interface
     def submit(self, job: SampleJob, snapshot: Snapshot, future: Future) -> None:
         """Queue a request (any thread). `snapshot` carries a reference the loop releases when done."""
-        running = _Running(job, future, snapshot, time.perf_counter(), [None] * job.num_samples)
+        running = Running(job, future, snapshot, time.perf_counter(), [None] * job.num_samples)
         with self._lock:
             self._waiting.append(running)
 
@@ -207,7 +138,7 @@ class DecodeLoop:
     def _admit_waiting(self) -> None:
         if not self._continuous and self._rows.active.any():
             return  # batch-synchronous: a batch runs until its longest row is done
-        plan: list[tuple[_Running, int]] = []  # (request, samples to admit now)
+        plan: list[tuple[Running, int]] = []  # (request, samples to admit now)
         free = self.max_rows - self.active_rows
         with self._lock:
             candidates = list(self._waiting)
@@ -258,11 +189,11 @@ class DecodeLoop:
                 self._remove_waiting(running)
             self.queue_wait_seconds += time.perf_counter() - running.submitted
 
-    def _remove_waiting(self, running: _Running) -> None:
+    def _remove_waiting(self, running: Running) -> None:
         with self._lock, contextlib.suppress(ValueError):
             self._waiting.remove(running)
 
-    def _admit_plan(self, plan: list[tuple[_Running, int]]) -> None:
+    def _admit_plan(self, plan: list[tuple[Running, int]]) -> None:
         slots = self._registry.place(sorted({o.job.snapshot_id for o in self._rows.owner if o is not None}
                                             | {r.job.snapshot_id for r, _ in plan}))
         prompts = []  # (request, prefix-cache entry, shared length) per prefilled prompt row
@@ -329,7 +260,7 @@ class DecodeLoop:
                                         self.extract_entry(temp, jnp.int32(i), length=length),
                                         running.prompt_logprobs)
 
-    def _start_row(self, row: int, running: _Running, sample: int, slot: int, key_data: np.ndarray) -> None:
+    def _start_row(self, row: int, running: Running, sample: int, slot: int, key_data: np.ndarray) -> None:
         job, rows = running.job, self._rows
         rows.owner[row] = running
         rows.sample[row], rows.active[row], rows.counts[row], rows.budget[row] = sample, True, 0, job.max_tokens
@@ -448,7 +379,7 @@ class DecodeLoop:
         if running.finished:
             self._complete(running)
 
-    def _complete(self, running: _Running) -> None:
+    def _complete(self, running: Running) -> None:
         try:
             prompt_lps, prompt_topk = self._prompt_extras(running.job)
             result = SampleResult(list(running.results), prompt_lps, running.snapshot.version, prompt_topk,
@@ -458,7 +389,7 @@ class DecodeLoop:
             return
         self._settle(running, result=result)
 
-    def _settle(self, running: _Running, *, result: Any = None, error: BaseException | None = None) -> None:
+    def _settle(self, running: Running, *, result: Any = None, error: BaseException | None = None) -> None:
         """Resolve the request's future (unless it was cancelled) and release its snapshot, once."""
         if running.settled:
             return
@@ -482,7 +413,7 @@ class DecodeLoop:
         # Requests only partly admitted also leave the queue: their remaining samples cannot complete them.
         with self._lock:
             self._waiting = collections.deque(r for r in self._waiting if id(r) not in running)
-        self._rows = _Rows.empty(0, self._stop_width)
+        self._rows = PoolRows.empty(0, self._stop_width)
         self._cache = self._logits = None
         self._capacity = 0
 
@@ -584,21 +515,3 @@ class DecodeLoop:
         place = self._placement
         return (place.constrain_cache(KVCache(tuple(map(move, cache.keys)), tuple(map(move, cache.values)), lengths)),
                 place.constrain_rows(jnp.where(valid[:, None], logits[safe], 0.0)))
-
-
-def _place_entry(cache: KVCache, kv: jax.Array, row: jax.Array) -> KVCache:
-    """Copy a prefix-cache entry `kv [L, 2, K, n, H]` into positions 0..n-1 of `row`."""
-    keys = tuple(jax.lax.dynamic_update_slice(k, kv[i, 0][None].astype(k.dtype), (row, 0, 0, 0))
-                 for i, k in enumerate(cache.keys))
-    values = tuple(jax.lax.dynamic_update_slice(v, kv[i, 1][None].astype(v.dtype), (row, 0, 0, 0))
-                   for i, v in enumerate(cache.values))
-    return KVCache(keys, values, cache.lengths)
-
-
-def _extract_entry(cache: KVCache, row: jax.Array, *, length: int) -> jax.Array:
-    """Positions 0..length-1 of `row` as a prefix-cache entry `[L, 2, K, length, H]`."""
-    def part(buf):
-        return jax.lax.dynamic_slice_in_dim(buf[row], 0, length, axis=1)
-
-    return jnp.stack([jnp.stack([part(k), part(v)]) for k, v in zip(cache.keys, cache.values, strict=True)])
-

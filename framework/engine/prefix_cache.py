@@ -21,7 +21,10 @@ import collections
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from models.kv_cache import KVCache
 
 MIN_SHARED = 8
 """Fewer shared tokens than this are recomputed: copying the entry would cost about as much."""
@@ -148,3 +151,21 @@ class PrefixCache:
         keys.discard(key)
         if not keys:
             del self._by_snapshot[entry.snapshot_id]
+
+
+def place_entry(cache: KVCache, kv: jax.Array, row: jax.Array) -> KVCache:
+    """Copy a prefix-cache entry `kv [L, 2, K, n, H]` into positions 0..n-1 of `row`."""
+    keys = tuple(jax.lax.dynamic_update_slice(k, kv[i, 0][None].astype(k.dtype), (row, 0, 0, 0))
+                 for i, k in enumerate(cache.keys))
+    values = tuple(jax.lax.dynamic_update_slice(v, kv[i, 1][None].astype(v.dtype), (row, 0, 0, 0))
+                   for i, v in enumerate(cache.values))
+    return KVCache(keys, values, cache.lengths)
+
+
+def extract_entry(cache: KVCache, row: jax.Array, *, length: int) -> jax.Array:
+    """Positions 0..length-1 of `row` as a prefix-cache entry `[L, 2, K, length, H]`."""
+    def part(buf):
+        return jax.lax.dynamic_slice_in_dim(buf[row], 0, length, axis=1)
+
+    return jnp.stack([jnp.stack([part(k), part(v)]) for k, v in zip(cache.keys, cache.values, strict=True)])
+
