@@ -10,9 +10,12 @@ public client API (the scheduler batches what is submitted together):
      each awaited before the next is submitted;
    - training: each tenant one 64-token sequence (forward_backward + optim_step), likewise.
    Every shape is warmed up first; new compiles during the timed runs are reported (target: none).
+   The one-at-a-time runs go with the scheduler's batch window off: a lone request has no burst to wait
+   for, so the baseline does not pay that wait.
 2. large requests: each tenant a batch of 8 × 256; N = 4 tenants' aggregate vs one tenant alone.
 3. capacity: one adapter's step (4 × 128 tokens) on engines holding 8, 32 and 128 resident adapters,
-   each in its own process: time and peak memory (targets: within 10% of each other).
+   each in its own process: time and peak memory, host and (on an accelerator) device (targets: within
+   10% of each other).
 4. paging: the mean time to page an rank-32 adapter (weights, AdamW moments, gradients) back in.
 
     python -m bench.multi_tenant [--tenants 1,2,4,8,16,32] [--repeats 3]
@@ -29,7 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
+import jax
 import numpy as np
 
 from bench.common import alternate_best, build_qwen3_checkpoint, log
@@ -49,12 +54,29 @@ def make_data(rng: np.random.Generator, vocab: int, rows: int, seq: int) -> list
     return out
 
 
+def without_batch_window(service: ServiceClient, directory: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
+    """Wraps a one-at-a-time run so that it runs with the scheduler's batch window off: a request alone has no
+    burst to wait for, and the baseline should not pay the wait (up to `batch_window_ms` per request)."""
+    _, scheduler = service._runtime.get(directory)
+
+    def wrap(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            window, scheduler.batch_window_s = scheduler.batch_window_s, 0.0
+            try:
+                fn()
+            finally:
+                scheduler.batch_window_s = window
+        return run
+    return wrap
+
+
 def small_requests(directory: str, home: str, counts: list[int], repeats: int) -> dict:
     out: dict = {}
     with ServiceClient(home=home) as service:
         n_max = max(counts)
         clients = [service.create_lora_training_client(directory, rank=32, seed=i) for i in range(n_max)]
         engine = clients[0]._engine
+        windowless = without_batch_window(service, directory)
         vocab = engine.model_config.vocab_size
         rng = np.random.default_rng(0)
         data = [make_data(rng, vocab, 1, TRAIN_SEQ) for _ in range(n_max)]
@@ -91,8 +113,8 @@ def small_requests(directory: str, home: str, counts: list[int], repeats: int) -
             for fn in (train_alone, train_together, sample_alone, sample_together):
                 fn()
             warm = dict(engine.compile_counts)
-            train = alternate_best({"alone": train_alone, "together": train_together}, repeats)
-            sample = alternate_best({"alone": sample_alone, "together": sample_together}, repeats)
+            train = alternate_best({"alone": windowless(train_alone), "together": train_together}, repeats)
+            sample = alternate_best({"alone": windowless(sample_alone), "together": sample_together}, repeats)
             compiles = {k: v - warm.get(k, 0) for k, v in engine.compile_counts.items() if v != warm.get(k, 0)}
             out[n] = {
                 "train_tokens_per_s_alone": round(n * TRAIN_SEQ / train["alone"], 1),
@@ -123,7 +145,8 @@ def large_requests(directory: str, home: str, repeats: int) -> dict:
                 fb.result(), opt.result()
 
         run(1), run(4)
-        best = alternate_best({"one": lambda: run(1), "four": lambda: run(4)}, repeats)
+        best = alternate_best({"one": without_batch_window(service, directory)(lambda: run(1)),
+                               "four": lambda: run(4)}, repeats)
     return {"one_tenant_tokens_per_s": round(8 * 256 / best["one"], 1),
             "four_tenants_tokens_per_s": round(4 * 8 * 256 / best["four"], 1),
             "ratio": round(4 * best["one"] / best["four"], 2)}
@@ -152,7 +175,11 @@ def capacity_child(directory: str, capacity: int, repeats: int) -> None:
         step()
         times.append(time.perf_counter() - t0)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"capacity": capacity, "step_ms": round(1e3 * min(times), 1), "peak_rss_mb": round(peak_mb)}))
+    row = {"capacity": capacity, "step_ms": round(1e3 * min(times), 1), "peak_rss_mb": round(peak_mb)}
+    device_stats = jax.local_devices()[0].memory_stats()  # None on CPU, where the host figure is the device's
+    if device_stats:
+        row["peak_device_mb"] = round(device_stats.get("peak_bytes_in_use", 0) / 2**20)
+    print(json.dumps(row))
 
 
 def capacity(directory: str, repeats: int) -> dict:

@@ -74,6 +74,8 @@ def tenant_loop(service: ServiceClient, directory: str, seed: int, iterations: i
         trainer.forward_backward(data, "importance_sampling").result()
         trainer.optim_step(types.AdamParams(learning_rate=1e-4)).result()
         iteration_seconds.append(time.perf_counter() - t0)
+        if seed == 0:
+            log(f"tenant 0: iteration {it} ({'warm-up' if it < warmup else 'timed'}) {iteration_seconds[-1]:.2f} s")
     out[seed] = {"publish": publish_seconds[warmup:], "iteration": iteration_seconds[warmup:]}
 
 
@@ -88,6 +90,7 @@ def run(directory: str, home: str, config: EngineConfig, tenants: int, iteration
         barrier.wait()
         engine = service._runtime.engines()[0][0]
         warm = dict(engine.compile_counts)
+        log(f"warmed up: {sum(warm.values())} compiles {warm}")
         before = engine.metrics()
         t0 = time.perf_counter()
         for t in threads:

@@ -9,7 +9,9 @@ Rules (written down because correctness depends on them):
    or running.
 2. Requests whose `batch_key` is equal (e.g. `("forward_backward", "ppo")`) and that are all at the
    head of their adapter's queue run as one engine call (an idle worker woken by such a request
-   waits for the rest of its burst: until none has come for `batch_window_s`), up to `max_batch_rows` rows,
+   waits for the rest of its burst: until none has come for `batch_window_s`; it does not wait when no
+   other adapter has been active for `ACTIVE_TENANT_S`, nor for a request that fills a batch alone: a
+   lone tenant never pays the window), up to `max_batch_rows` rows,
    `max_batch_tokens` tokens (a request that alone fills a batch runs alone: co-batching it would
    cost more than it saves) and `max_batch_adapters` adapters (what the device holds at once);
    everything else runs alone.
@@ -38,6 +40,10 @@ logger = logging.getLogger(__name__)
 
 BURST_WINDOWS = 20
 """The longest an idle worker waits for a burst of requests to end, in batch windows."""
+
+ACTIVE_TENANT_S = 60.0
+"""An adapter that submitted anything this recently counts as active: a burst is awaited only when an
+adapter other than the waking request's is active (it may be about to submit its part)."""
 
 BatchFn = Callable[[Sequence[Any]], Sequence[Any]]
 """Runs a batch of payloads on the engine and returns one result per payload."""
@@ -89,6 +95,8 @@ class Scheduler:
         self.requests_run = 0
         self.errors = 0
         self.queue_wait_seconds = 0.0
+        self.burst_waits = 0  # times an idle worker waited for the rest of a burst
+        self._last_seen: dict[str, float] = {}  # adapter -> when it last submitted
         self._thread = threading.Thread(target=self._loop, name=f"{name}-scheduler", daemon=True)
         self._thread.start()
 
@@ -103,7 +111,8 @@ class Scheduler:
     def stats(self) -> dict[str, float]:
         """Queue depth, batches and requests run, errors delivered, and the mean wait in the queue."""
         return {"queue_depth": self.queue_depth, "batches": self.batches_run, "requests": self.requests_run,
-                "errors": self.errors, "queue_wait_seconds_mean": self.queue_wait_seconds / max(self.requests_run, 1)}
+                "errors": self.errors, "queue_wait_seconds_mean": self.queue_wait_seconds / max(self.requests_run, 1),
+                "burst_waits": self.burst_waits}
 
     def submit(self, run: BatchFn, payload: Any, *, adapter_id: str | None = None,
                batch_key: Hashable | None = None, rows: int = 1, tokens: int = 0, ready: Future | None = None,
@@ -118,6 +127,8 @@ class Scheduler:
         with self._cond:
             if self._closed:
                 raise SchedulerClosed("the engine's scheduler is shut down")
+            if adapter_id is not None:
+                self._last_seen[adapter_id] = request.submitted
             if priority:
                 own = [i for i, r in enumerate(self._pending) if r.adapter_id == adapter_id]
                 self._pending.insert(own[-1] + 1 if own else 0, request)
@@ -203,6 +214,17 @@ class Scheduler:
             self._pending.remove(r)
         return batch
 
+    def _worth_a_burst_wait(self, head: _Request) -> bool:
+        """Whether others could join `head`'s batch: it is batchable, leaves room in a batch, and an
+        adapter other than its own is active. Called holding the lock; forgets adapters gone quiet."""
+        if head.batch_key is None or not self.batch_window_s or head.rows >= self.max_batch_rows or (
+                self.max_batch_tokens is not None and head.tokens >= self.max_batch_tokens):
+            return False
+        now = time.perf_counter()
+        for adapter in [a for a, t in self._last_seen.items() if now - t > ACTIVE_TENANT_S]:
+            del self._last_seen[adapter]
+        return any(adapter != head.adapter_id for adapter in self._last_seen)
+
     def _has_background(self) -> bool:
         if self._background is None:
             return False
@@ -219,10 +241,11 @@ class Scheduler:
                 while True:
                     if self._closed:
                         break
-                    if idle and self._pending and self._pending[0].batch_key is not None and self.batch_window_s:
+                    if idle and self._pending and self._worth_a_burst_wait(self._pending[0]):
                         # Woken from idle by a batchable request: give the rest of its burst (other tenants
                         # submitting at the same moment) time to arrive, so they share one step: wait until
                         # no request has come for `batch_window_s` (at most BURST_WINDOWS of them in all).
+                        self.burst_waits += 1
                         start = time.perf_counter()
                         deadline, seen = start + self.batch_window_s, len(self._pending)
                         while not self._closed and (left := deadline - time.perf_counter()) > 0:

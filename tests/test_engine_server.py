@@ -695,6 +695,8 @@ def test_an_idle_worker_waits_for_the_end_of_a_burst():
             batches.append(list(payloads))
             return list(payloads)
 
+        for i in range(7):  # the tenants are known to the scheduler (as creating their adapters makes them)
+            scheduler.call(lambda: None, adapter_id=f"a{i}").result(10)
         futures = []
         for i in range(6):  # 6 arrivals 30 ms apart: 150 ms, longer than a window, no gap as long as one
             futures.append(scheduler.submit(run, i, adapter_id=f"a{i}", batch_key="k"))
@@ -703,6 +705,26 @@ def test_an_idle_worker_waits_for_the_end_of_a_burst():
         time.sleep(0.3)
         assert scheduler.submit(run, 6, adapter_id="a6", batch_key="k").result(10) == 6
         assert batches == [[0, 1, 2, 3, 4, 5], [6]]
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_lone_tenant_never_waits_for_a_burst():
+    """The batch window is paid only when another adapter is active and there is room in the batch: a
+    lone tenant's requests (and a request that fills a batch alone) start at once."""
+    scheduler = Scheduler(batch_window_s=0.05, max_batch_tokens=100)
+    try:
+        def run(payloads):
+            return list(payloads)
+
+        for i in range(3):
+            assert scheduler.submit(run, i, adapter_id="a", batch_key="k", tokens=10).result(10) == i
+        assert scheduler.stats()["burst_waits"] == 0
+        scheduler.call(lambda: None, adapter_id="b").result(10)  # a second tenant appears
+        assert scheduler.submit(run, 3, adapter_id="a", batch_key="k", tokens=100).result(10) == 3  # fills a batch
+        assert scheduler.stats()["burst_waits"] == 0
+        assert scheduler.submit(run, 4, adapter_id="a", batch_key="k", tokens=10).result(10) == 4
+        assert scheduler.stats()["burst_waits"] == 1
     finally:
         scheduler.shutdown()
 
