@@ -278,12 +278,14 @@ class DecodeLoop:
         occupied = [r for r, owner in enumerate(self._rows.owner) if owner is not None]
         held = max([int(self._rows.prompt_len[r] + self._rows.budget[r]) + 1 for r in occupied], default=0)
         grow = rows_needed > current or capacity_needed > self._capacity or stop_width > self._stop_width
-        # Every row costs a decode step its compute whether it is active or not: follow the active count
-        # down as well as up (a resize copies only the occupied rows' keys/values).
-        shrink = bucket(rows_needed) < current
+        # Every row costs a decode step its compute whether it is active or not, so the pool follows the
+        # demand down as well as up (a resize copies only the occupied rows' keys/values); but each new
+        # (shape, shape) pair is a program to compile, so it shrinks lazily: only once what it needs fits
+        # in a quarter of it, and then to twice that (load that wavers around a size resizes nothing).
+        shrink = 4 * bucket(rows_needed) <= current
         if self._cache is not None and not grow and not shrink:
             return
-        rows = bucket(rows_needed) if shrink or rows_needed > current else current
+        rows = min(2 * bucket(rows_needed), self.max_rows) if shrink else max(bucket(rows_needed), current)
         capacity = bucket(max(capacity_needed, held), self._min_capacity)
         if not shrink:
             capacity = max(capacity, self._capacity)

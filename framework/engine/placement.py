@@ -85,15 +85,16 @@ class Placement:
             weights = jax.tree.map(lambda w: np.asarray(w, dtype) if isinstance(w, np.ndarray) else w.astype(dtype),
                                    weights)
         if not self.sharded:
-            # jnp.asarray keeps them uncommitted like the rest of the single-device state: jit keys its
-            # cache on committedness, so committed arrays would compile every step again.
-            return jax.tree.map(jnp.asarray, weights)
+            # One device_put of the whole tree (its transfers go together, not one call per array) and no
+            # device named, which keeps them uncommitted like the rest of the single-device state: jit keys
+            # its cache on committedness, so committed arrays would compile every step again.
+            return jax.device_put(weights)
         return jax.device_put(weights, self._adapter_shardings(weights))
 
     def opt_state(self, opt_state: Any, weights: LoraWeights) -> Any:
         """One adapter's AdamW state on the device(s), its moments sharded as `weights`."""
         if not self.sharded:
-            return jax.tree.map(jnp.asarray, opt_state)
+            return jax.device_put(opt_state)
         return jax.device_put(opt_state, self._opt_shardings(opt_state, weights))
 
     def new_opt_state(self, weights: LoraWeights) -> Any:
@@ -102,6 +103,8 @@ class Placement:
     def adapter_state(self, weights: LoraWeights, opt_state: Any | None, grads: LoraWeights | None
                       ) -> tuple[LoraWeights, Any | None, LoraWeights | None]:
         """Everything an adapter owns, paged back in."""
+        if not self.sharded:  # one transfer call for all of it
+            return jax.device_put((weights, opt_state, grads))
         return (self.adapter(weights), None if opt_state is None else self.opt_state(opt_state, weights),
                 None if grads is None else self.adapter(grads))
 
