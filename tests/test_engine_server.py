@@ -337,11 +337,18 @@ def test_checkpoint_writes_do_not_block_other_tenants(base_model, tmp_path, monk
 
 
 # ---------------------------------------------------------------------------------- continuous batching
-def test_continuous_batching_equals_sampling_alone(base_model):
+# The decode pool's and prefill's shape floors an accelerator gets by default (padded rows and prompts).
+SHAPE_FLOORS = pytest.mark.parametrize("floors", [{}, {"min_decode_rows": 8, "min_prefill_tokens": 128}],
+                                       ids=["no_floors", "accelerator_floors"])
+
+
+@SHAPE_FLOORS
+def test_continuous_batching_equals_sampling_alone(base_model, floors):
     """Requests with different budgets, seeds, settings and snapshots share decode steps and get the
     same tokens and logprobs as each sampled alone; a short request finishes while a long one runs."""
-    config = EngineConfig(max_rank=8, decode_chunk=4)
+    config = EngineConfig(max_rank=8, decode_chunk=4, **floors)
     engine = Engine(base_model, config)
+    assert engine.decoder._min_rows == floors.get("min_decode_rows", 1)  # no floor by default on CPU
     adapters = [engine.create_adapter(rank=4, seed=s) for s in (1, 2)]
     for a in adapters:  # distinct non-zero weights
         w = jax.tree.map(lambda x, s=a.seed: x + 0.05 * np.random.default_rng(s).normal(size=x.shape).astype(
@@ -378,11 +385,12 @@ def test_continuous_batching_equals_sampling_alone(base_model):
     assert stats["active_rows"] == 0 and stats["waiting"] == 0 and 0 < stats["batch_fill"] <= 1
 
 
-def test_prompts_prefill_once_and_the_prefix_cache_equals_recomputing(base_model):
+@SHAPE_FLOORS
+def test_prompts_prefill_once_and_the_prefix_cache_equals_recomputing(base_model, floors):
     """num_samples rows share one prefill; a later request extending an earlier sequence (the next
     turn, or compute_logprobs of a sample) computes only its new tokens, with the same results as an
-    engine without the cache."""
-    cached = Engine(base_model, EngineConfig(max_rank=8))
+    engine without the cache (and without shape floors)."""
+    cached = Engine(base_model, EngineConfig(max_rank=8, **floors))
     plain = Engine(base_model, EngineConfig(max_rank=8, prefix_cache_mb=0))
     rng = np.random.default_rng(5)
     prompt = rng.integers(3, VOCAB, 24).astype(np.int32)

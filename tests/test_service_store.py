@@ -108,10 +108,13 @@ def test_every_engine_setting_has_a_flag():
     from service.__main__ import server_config
 
     config, cache = server_config(["--base-model", "m", "--max-batch-tokens", "8192", "--no-pack", "--decode-rows",
-                                   "128", "--prefix-cache-mb", "0", "--remat", "dots", "--compilation-cache", ""])
+                                   "128", "--prefix-cache-mb", "0", "--remat", "dots", "--compilation-cache", "",
+                                   "--min-decode-rows", "16"])
     engine = config.engine
-    assert (engine.max_batch_tokens, engine.pack, engine.decode_rows, engine.prefix_cache_mb, engine.remat) == (
-        8192, False, 128, 0.0, "dots")
+    assert (engine.max_batch_tokens, engine.pack, engine.decode_rows, engine.prefix_cache_mb, engine.remat,
+            engine.min_decode_rows) == (8192, False, 128, 0.0, "dots", 16)
+    with pytest.raises(ValueError, match=r"min_prefill_tokens must be >= 0 \(0: by backend\), got -1"):
+        EngineConfig(min_prefill_tokens=-1)
     assert cache == ""
     config, cache = server_config(["--base-model", "m"])
     assert config.engine == EngineConfig(dtype=config.engine.dtype) and cache.endswith("tinker-jax/xla")

@@ -34,6 +34,13 @@ class EngineConfig:
     pack: bool = True  # pack short training sequences into shared rows when that saves padding
     decode_rows: int = 64  # sequences decoding at once (the KV-cache row pool)
     decode_chunk: int = 8  # decode steps per engine call; waiting requests join between chunks
+    # The smallest decode pool (rows) and prefill batch (prompts x tokens). Padding up to these costs an
+    # accelerator next to nothing (a step of a few rows reads the weights once whatever their number) and
+    # saves a compiled program per smaller size, seconds of compile each there; on a CPU every padded row
+    # costs its compute (8 rows decode at 2.7x the time of 1 there). 0 = by backend: 8 rows and 128 tokens
+    # on an accelerator, no floor on CPU.
+    min_decode_rows: int = 0
+    min_prefill_tokens: int = 0
     prefix_cache_mb: float = 256.0  # KV of recent prompts per snapshot (LRU); 0 turns the prefix cache off
     custom_steps: int = 16  # compiled custom-loss steps kept (LRU)
     # Off only to measure what they save (bench/rl_workload.py): batch-synchronous decoding, and a
@@ -62,5 +69,8 @@ class EngineConfig:
             raise ValueError(f"remat must be one of {', '.join(REMAT_NAMES)}, got {self.remat!r}")
         if self.attention not in ATTENTION_NAMES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_NAMES)}, got {self.attention!r}")
+        for name in ("min_decode_rows", "min_prefill_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: by backend), got {getattr(self, name)}")
         if self.prefix_cache_mb < 0:
             raise ValueError(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")

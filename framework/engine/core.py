@@ -93,6 +93,8 @@ class Engine:
                                   dtype=self._dtype, registry=self.snapshots, prefix_cache=self.prefix_cache,
                                   placement=self.placement,
                                   max_rows=self.config.decode_rows, chunk=self.config.decode_chunk,
+                                  min_rows=self._by_backend(self.config.min_decode_rows, 8),
+                                  min_prefill_tokens=self._by_backend(self.config.min_prefill_tokens, 128),
                                   min_capacity=self.config.min_seq_bucket, prompt_extras=self._prompt_extras,
                                   compile_counts=self.compile_counts,
                                   continuous=self.config.continuous_batching, prefill_once=self.config.prefill_once)
@@ -106,6 +108,12 @@ class Engine:
         self._ids = itertools.count()
         self._stats: collections.Counter[str] = collections.Counter()
         self._seconds: collections.Counter[str] = collections.Counter()
+
+    def _by_backend(self, value: int, accelerator: int) -> int:
+        """A shape floor from the config: `value`, or for 0 `accelerator` on an accelerator and 1 on CPU."""
+        if value:
+            return value
+        return 1 if self.placement.mesh.devices.flat[0].platform == "cpu" else accelerator
 
     # ----------------------------------------------------------------------------------- adapters
     def _new_weights(self, *, rank: int, seed: int, targets: Sequence[str]) -> LoraWeights:

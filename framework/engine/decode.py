@@ -1,9 +1,10 @@
 """Continuous batching for sampling: a pool of KV-cache rows that sequences join and leave at step
 boundaries.
 
-The pool is `R` rows of capacity `C` (both powers of two, grown on demand and shrunk as rows
-finish). Each engine call (`step`) first admits waiting requests, then decodes every active
-row `decode_chunk` steps in one compiled loop:
+The pool is `R` rows of capacity `C` (both powers of two, grown on demand and shrunk once the rows in
+use fit in a quarter of it; on an accelerator never under `min_decode_rows`, where a few more rows cost
+nothing and each other size would be a program to compile). Each engine call (`step`) first admits
+waiting requests, then decodes every active row `decode_chunk` steps in one compiled loop:
 
 - Admission prefills each request's prompt once, whatever its `num_samples`, then copies the
   prompt's keys/values into one pool row per sample. With the prefix cache it first copies the
@@ -57,7 +58,8 @@ class DecodeLoop:
     """The continuous-batching sampler of one engine (worker thread only, except `submit`)."""
 
     def __init__(self, *, graphdef: Any, base: Any, model_config: Any, dtype: Any, registry: SnapshotRegistry,
-                 prefix_cache: PrefixCache, max_rows: int, chunk: int, min_capacity: int,
+                 prefix_cache: PrefixCache, max_rows: int, chunk: int, min_capacity: int, min_rows: int = 1,
+                 min_prefill_tokens: int = 1,
                  prompt_extras: Callable[[SampleJob], tuple[np.ndarray | None, TopK | None]],
                  compile_counts: collections.Counter[str], placement: Placement, continuous: bool = True,
                  prefill_once: bool = True):
@@ -66,6 +68,12 @@ class DecodeLoop:
         self._config, self._dtype = model_config, dtype
         self._registry, self._prefix = registry, prefix_cache
         self.max_rows, self.chunk, self._min_capacity = max_rows, chunk, min_capacity
+        # Floors of the pool's rows and of a prefill's prompts x tokens (`EngineConfig.min_decode_rows`).
+        self._min_rows, self._min_prefill_tokens = min(max(min_rows, 1), max_rows), max(min_prefill_tokens, 1)
+        # A row floor marks a backend where programs cost more than padding: admission copies as many rows
+        # as the pool holds, and a chunk multiplies by at least ONE_HOT_MAX_SLOTS snapshots (one program per
+        # pool shape for each, not one per count).
+        self._pad_for_programs = self._min_rows > 1
         self._prompt_extras = prompt_extras
         self._continuous, self._prefill_once = continuous, prefill_once  # off only to measure what they save
         self.compile_counts = compile_counts
@@ -215,7 +223,7 @@ class DecodeLoop:
         stop_width = bucket(max([len(r.job.stop_tokens) for r, _ in plan] + [1]), 4)
         self._ensure_pool(self.active_rows + new_rows, need_capacity, stop_width)
 
-        p = bucket(len(prompts))
+        p = bucket(len(prompts), self._min_prefill_tokens // suffix_len)
         # The prompts prefill into their own small cache, sized by what they hold (not by the pool), so the
         # model's prefill compiles per (prompts, suffix, capacity) bucket whatever the pool's shape.
         temp_capacity = bucket(max(shared for _, _, shared in prompts) + suffix_len, self._min_capacity)
@@ -231,7 +239,8 @@ class DecodeLoop:
             if entry is not None:
                 temp = self.place_entry(temp, entry.kv[:, :, :, :temp_capacity], jnp.int32(i))
         free = self._rows.free()
-        q = bucket(new_rows)
+        # Padded entries of `dest` are dropped.
+        q = len(self._rows.owner) if self._pad_for_programs else bucket(new_rows)
         dest = np.full(q, len(self._rows.owner), np.int32)  # out of range: dropped
         src = np.zeros(q, np.int32)
         k = 0
@@ -282,10 +291,11 @@ class DecodeLoop:
         # demand down as well as up (a resize copies only the occupied rows' keys/values); but each new
         # (shape, shape) pair is a program to compile, so it shrinks lazily: only once what it needs fits
         # in a quarter of it, and then to twice that (load that wavers around a size resizes nothing).
-        shrink = 4 * bucket(rows_needed) <= current
+        want = bucket(rows_needed, self._min_rows)
+        shrink = 4 * want <= current
         if self._cache is not None and not grow and not shrink:
             return
-        rows = min(2 * bucket(rows_needed), self.max_rows) if shrink else max(bucket(rows_needed), current)
+        rows = 2 * want if shrink else max(want, current)
         capacity = bucket(max(capacity_needed, held), self._min_capacity)
         if not shrink:
             capacity = max(capacity, self._capacity)
@@ -315,7 +325,7 @@ class DecodeLoop:
         in_use = sorted({int(rows.slot[r]) for r in np.flatnonzero(rows.active)})
         used, local = None, rows.slot
         if len(in_use) <= ONE_HOT_MAX_SLOTS:
-            used = np.zeros(bucket(len(in_use)), np.int32)
+            used = np.zeros(bucket(len(in_use), ONE_HOT_MAX_SLOTS if self._pad_for_programs else 1), np.int32)
             used[: len(in_use)] = in_use
             local = np.zeros(len(rows.owner), np.int32)
             for i, slot in enumerate(in_use):
