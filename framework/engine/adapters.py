@@ -102,11 +102,10 @@ class AdapterPool:
         adapters = [self.get(a) for a in dict.fromkeys(adapter_ids)]
         for adapter in adapters:
             adapter.last_used = next(self._clock)
-        keep = {a.adapter_id for a in adapters}
-        for adapter in adapters:
-            if not adapter.resident:
-                self._make_room(keep=keep, incoming=1)
-                self._page_in(adapter)
+        incoming = [a for a in adapters if not a.resident]
+        if incoming:  # all the evictions in one transfer, then all the arrivals in one wait
+            self._make_room(keep={a.adapter_id for a in adapters}, incoming=len(incoming))
+            self._page_in(incoming)
         return adapters
 
     @property
@@ -118,20 +117,24 @@ class AdapterPool:
         resident = sorted((a for a in self._adapters.values() if a.resident and a.adapter_id not in keep),
                           key=lambda a: a.last_used)
         excess = self.resident_count + incoming - self.capacity
-        for adapter in resident[:max(0, excess)]:
-            self._page_out(adapter)
+        self._page_out(resident[:max(0, excess)])
 
-    def _page_out(self, adapter: AdapterState) -> None:
-        adapter.weights, adapter.opt_state, adapter.grads = jax.device_get(
-            (adapter.weights, adapter.opt_state, adapter.grads))
-        adapter.resident = False
-        self.page_outs += 1
+    def _page_out(self, adapters: list[AdapterState]) -> None:
+        if not adapters:
+            return
+        states = jax.device_get([(a.weights, a.opt_state, a.grads) for a in adapters])
+        for adapter, (weights, opt_state, grads) in zip(adapters, states, strict=True):
+            adapter.weights, adapter.opt_state, adapter.grads = weights, opt_state, grads
+            adapter.resident = False
+        self.page_outs += len(adapters)
 
-    def _page_in(self, adapter: AdapterState) -> None:
+    def _page_in(self, adapters: list[AdapterState]) -> None:
         t0 = time.perf_counter()
-        adapter.weights, adapter.opt_state, adapter.grads = self._to_device(adapter.weights, adapter.opt_state,
-                                                                            adapter.grads)
-        jax.block_until_ready((adapter.weights, adapter.opt_state, adapter.grads))
-        adapter.resident = True
-        self.page_ins += 1
+        for adapter in adapters:  # transfers start here and run together
+            adapter.weights, adapter.opt_state, adapter.grads = self._to_device(adapter.weights, adapter.opt_state,
+                                                                                adapter.grads)
+        jax.block_until_ready([(a.weights, a.opt_state, a.grads) for a in adapters])
+        for adapter in adapters:
+            adapter.resident = True
+        self.page_ins += len(adapters)
         self.page_in_seconds += time.perf_counter() - t0
