@@ -9,9 +9,10 @@ Rules (written down because correctness depends on them):
    or running.
 2. Requests whose `batch_key` is equal (e.g. `("forward_backward", "ppo")`) and that are all at the
    head of their adapter's queue run as one engine call (an idle worker woken by such a request
-   waits for the rest of its burst: until none has come for `batch_window_s`; it does not wait when no
-   other adapter has been active for `ACTIVE_TENANT_S`, nor for a request that fills a batch alone: a
-   lone tenant never pays the window), up to `max_batch_rows` rows,
+   waits for the rest of its burst: until none has come for `batch_window_s`, or every adapter active in
+   the last `ACTIVE_TENANT_S` has a request queued; it does not wait when no other adapter is active,
+   nor for a request that fills a batch alone: a lone tenant never pays the window), up to
+   `max_batch_rows` rows,
    `max_batch_tokens` tokens (a request that alone fills a batch runs alone: co-batching it would
    cost more than it saves) and `max_batch_adapters` adapters (what the device holds at once);
    everything else runs alone.
@@ -216,14 +217,19 @@ class Scheduler:
 
     def _worth_a_burst_wait(self, head: _Request) -> bool:
         """Whether others could join `head`'s batch: it is batchable, leaves room in a batch, and an
-        adapter other than its own is active. Called holding the lock; forgets adapters gone quiet."""
+        active adapter has nothing queued yet. Called holding the lock; forgets adapters gone quiet."""
         if head.batch_key is None or not self.batch_window_s or head.rows >= self.max_batch_rows or (
                 self.max_batch_tokens is not None and head.tokens >= self.max_batch_tokens):
             return False
         now = time.perf_counter()
         for adapter in [a for a, t in self._last_seen.items() if now - t > ACTIVE_TENANT_S]:
             del self._last_seen[adapter]
-        return any(adapter != head.adapter_id for adapter in self._last_seen)
+        return not self._burst_complete()
+
+    def _burst_complete(self) -> bool:
+        """Every active adapter has a request queued: nobody is left to wait for. Called holding the lock."""
+        queued = {r.adapter_id for r in self._pending}
+        return all(adapter in queued for adapter in self._last_seen)
 
     def _has_background(self) -> bool:
         if self._background is None:
@@ -250,6 +256,8 @@ class Scheduler:
                         deadline, seen = start + self.batch_window_s, len(self._pending)
                         while not self._closed and (left := deadline - time.perf_counter()) > 0:
                             self._cond.wait(left)
+                            if self._burst_complete():
+                                break
                             if len(self._pending) != seen:
                                 seen = len(self._pending)
                                 deadline = min(time.perf_counter() + self.batch_window_s,

@@ -737,6 +737,28 @@ def test_a_lone_tenant_never_waits_for_a_burst():
         scheduler.shutdown()
 
 
+def test_a_burst_ends_once_every_active_tenant_has_a_request_queued():
+    """With a window far longer than the test may take, the two active tenants' requests still run at
+    once, together: once both are queued there is nobody left to wait for."""
+    batches: list[list[int]] = []
+    scheduler = Scheduler(batch_window_s=120.0)
+    try:
+        def run(payloads):
+            batches.append(list(payloads))
+            return list(payloads)
+
+        for adapter in ("a", "b"):
+            scheduler.call(lambda: None, adapter_id=adapter).result(10)
+        time.sleep(0.05)  # the worker is idle
+        first = scheduler.submit(run, 0, adapter_id="a", batch_key="k")  # wakes it: it waits for b ...
+        time.sleep(0.05)
+        second = scheduler.submit(run, 1, adapter_id="b", batch_key="k")  # ... who comes
+        assert (first.result(60), second.result(60)) == (0, 1)
+        assert batches == [[0, 1]] and scheduler.stats()["burst_waits"] == 1
+    finally:
+        scheduler.shutdown()
+
+
 def test_a_priority_call_overtakes_other_adapters_but_never_its_own():
     order: list[str] = []
     scheduler = Scheduler()
