@@ -43,8 +43,8 @@ BURST_WINDOWS = 20
 """The longest an idle worker waits for a burst of requests to end, in batch windows."""
 
 ACTIVE_TENANT_S = 60.0
-"""An adapter that submitted anything this recently counts as active: a burst is awaited only when an
-adapter other than the waking request's is active (it may be about to submit its part)."""
+"""An adapter that submitted anything this recently counts as active: a burst is awaited only while an
+active adapter has nothing queued yet (it may be about to submit its part)."""
 
 BatchFn = Callable[[Sequence[Any]], Sequence[Any]]
 """Runs a batch of payloads on the engine and returns one result per payload."""
@@ -97,7 +97,8 @@ class Scheduler:
         self.errors = 0
         self.queue_wait_seconds = 0.0
         self.burst_waits = 0  # times an idle worker waited for the rest of a burst
-        self._last_seen: dict[str, float] = {}  # adapter -> when it last submitted
+        self._last_seen: dict[str, float] = {}  # adapter -> when it last submitted (with a batch window)
+        self._seen_after_prune = 64
         self._thread = threading.Thread(target=self._loop, name=f"{name}-scheduler", daemon=True)
         self._thread.start()
 
@@ -128,8 +129,10 @@ class Scheduler:
         with self._cond:
             if self._closed:
                 raise SchedulerClosed("the engine's scheduler is shut down")
-            if adapter_id is not None:
+            if adapter_id is not None and self.batch_window_s:
                 self._last_seen[adapter_id] = request.submitted
+                if len(self._last_seen) > 2 * self._seen_after_prune:
+                    self._forget_quiet()
             if priority:
                 own = [i for i, r in enumerate(self._pending) if r.adapter_id == adapter_id]
                 self._pending.insert(own[-1] + 1 if own else 0, request)
@@ -217,14 +220,26 @@ class Scheduler:
 
     def _worth_a_burst_wait(self, head: _Request) -> bool:
         """Whether others could join `head`'s batch: it is batchable, leaves room in a batch, and an
-        active adapter has nothing queued yet. Called holding the lock; forgets adapters gone quiet."""
+        active adapter has nothing queued yet (or it has no adapter). Called holding the lock."""
         if head.batch_key is None or not self.batch_window_s or head.rows >= self.max_batch_rows or (
                 self.max_batch_tokens is not None and head.tokens >= self.max_batch_tokens):
             return False
+        if head.adapter_id is None:  # adapter-less requests (scoring) batch with each other: always wait
+            return True
+        self._forget_quiet()
+        return not self._burst_complete()
+
+    def _forget_quiet(self) -> None:
+        """Drop the adapters that have not submitted for `ACTIVE_TENANT_S`. Called holding the lock."""
         now = time.perf_counter()
         for adapter in [a for a, t in self._last_seen.items() if now - t > ACTIVE_TENANT_S]:
             del self._last_seen[adapter]
-        return not self._burst_complete()
+        self._seen_after_prune = max(64, len(self._last_seen))
+
+    def forget(self, adapter_id: str) -> None:
+        """`adapter_id` is gone (released): nobody waits for it any more."""
+        with self._cond:
+            self._last_seen.pop(adapter_id, None)
 
     def _burst_complete(self) -> bool:
         """Every active adapter has a request queued: nobody is left to wait for. Called holding the lock."""

@@ -60,9 +60,7 @@ class TrainingClient:
         Idempotent: a second call returns a future that is already done."""
         if self._released.detach() is None:
             return completed(None)
-        engine, model_id = self._engine, self.model_id
-        return APIFuture(self._scheduler.call(lambda: engine.remove_adapter(model_id) if model_id in engine.adapters
-                                              else None, adapter_id=model_id))
+        return APIFuture(_remove_adapter(self._scheduler, self._engine, self.model_id))
 
     def _check_open(self) -> None:
         if not self._released.alive:
@@ -290,11 +288,20 @@ class TrainingClient:
         return self.get_info()
 
 
+def _remove_adapter(scheduler: Any, engine: Any, adapter_id: str) -> Any:
+    """Free the adapter after its queued requests; the scheduler then stops counting it as active."""
+    def remove() -> None:
+        if adapter_id in engine.adapters:
+            engine.remove_adapter(adapter_id)
+        scheduler.forget(adapter_id)
+
+    return scheduler.call(remove, adapter_id=adapter_id)
+
+
 def _release_adapter(scheduler: Any, engine: Any, adapter_id: str) -> None:
     """Finalizer of a dropped TrainingClient: free its adapter after its queued requests."""
     with contextlib.suppress(RuntimeError):  # a shut-down scheduler: the engine goes with it
-        scheduler.call(lambda: engine.remove_adapter(adapter_id) if adapter_id in engine.adapters else None,
-                       adapter_id=adapter_id)
+        _remove_adapter(scheduler, engine, adapter_id)
 
 
 def forward_backward_two_pass(client: Any, data: list[types.Datum], loss_fn: Callable

@@ -125,6 +125,34 @@ def test_paging_moves_every_part_of_the_state(base_model):
     assert engine.adapters.page_in_seconds > 0
 
 
+def test_a_failed_page_in_leaves_every_adapter_paged_out_whole(base_model, monkeypatch):
+    """Adapters paged in together change nothing until every transfer has landed: one that fails (out of
+    device memory, say) leaves them all on the host, intact, and a later page-in works."""
+    engine = Engine(base_model, EngineConfig(max_adapters=1, max_rank=8))
+    ids = [engine.create_adapter(rank=4, seed=s).adapter_id for s in range(3)]  # only the last is resident
+    pool = engine.adapters
+    before = [jax.device_get(pool.get(a).weights) for a in ids[:2]]
+    real, calls = pool._to_device, []
+
+    def second_fails(*state):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of device memory")
+        return real(*state)
+
+    monkeypatch.setattr(pool, "_to_device", second_fails)
+    with pytest.raises(RuntimeError, match="out of device memory"):
+        pool.ensure_resident(ids[:2])
+    for adapter_id, expected in zip(ids[:2], before, strict=True):
+        adapter = pool.get(adapter_id)
+        assert not adapter.resident and all(isinstance(x, np.ndarray) for x in jax.tree.leaves(adapter.weights))
+        assert_trees_equal(adapter.weights, expected)
+    monkeypatch.undo()
+    pool.ensure_resident(ids[:2])
+    assert [pool.get(a).resident for a in ids] == [True, True, False]
+    assert_trees_equal(jax.device_get([pool.get(a).weights for a in ids[:2]]), before)
+
+
 def test_sixteen_threads_train_and_sample_like_their_solo_runs(base_model, tmp_path):
     """16 threads, each with its own adapter, loop train + publish + sample at once: every future
     resolves (no deadlock) and each tenant's losses and greedy samples equal its solo run."""
@@ -705,6 +733,7 @@ def test_an_idle_worker_waits_for_the_end_of_a_burst():
 
         for i in range(7):  # the tenants are known to the scheduler (as creating their adapters makes them)
             scheduler.call(lambda: None, adapter_id=f"a{i}").result(10)
+        time.sleep(0.05)  # the worker is idle
         futures = []
         for i in range(6):  # 6 arrivals 30 ms apart: 150 ms, longer than a window, no gap as long as one
             futures.append(scheduler.submit(run, i, adapter_id=f"a{i}", batch_key="k"))
@@ -731,7 +760,12 @@ def test_a_lone_tenant_never_waits_for_a_burst():
         scheduler.call(lambda: None, adapter_id="b").result(10)  # a second tenant appears
         assert scheduler.submit(run, 3, adapter_id="a", batch_key="k", tokens=100).result(10) == 3  # fills a batch
         assert scheduler.stats()["burst_waits"] == 0
+        time.sleep(0.05)  # the worker is idle
         assert scheduler.submit(run, 4, adapter_id="a", batch_key="k", tokens=10).result(10) == 4
+        assert scheduler.stats()["burst_waits"] == 1
+        scheduler.forget("b")  # released: a lone tenant again
+        time.sleep(0.05)
+        assert scheduler.submit(run, 5, adapter_id="a", batch_key="k", tokens=10).result(10) == 5
         assert scheduler.stats()["burst_waits"] == 1
     finally:
         scheduler.shutdown()

@@ -130,11 +130,11 @@ class AdapterPool:
 
     def _page_in(self, adapters: list[AdapterState]) -> None:
         t0 = time.perf_counter()
-        for adapter in adapters:  # transfers start here and run together
-            adapter.weights, adapter.opt_state, adapter.grads = self._to_device(adapter.weights, adapter.opt_state,
-                                                                                adapter.grads)
-        jax.block_until_ready([(a.weights, a.opt_state, a.grads) for a in adapters])
-        for adapter in adapters:
+        # The transfers start together; nothing changes until all have landed, so a failed one (e.g. out of
+        # device memory) leaves every adapter paged out with its host copy.
+        states = jax.block_until_ready([self._to_device(a.weights, a.opt_state, a.grads) for a in adapters])
+        for adapter, (weights, opt_state, grads) in zip(adapters, states, strict=True):
+            adapter.weights, adapter.opt_state, adapter.grads = weights, opt_state, grads
             adapter.resident = True
         self.page_ins += len(adapters)
         self.page_in_seconds += time.perf_counter() - t0

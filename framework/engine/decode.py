@@ -1,10 +1,11 @@
 """Continuous batching for sampling: a pool of KV-cache rows that sequences join and leave at step
 boundaries.
 
-The pool is `R` rows of capacity `C` (both powers of two, grown on demand and shrunk once the rows in
-use fit in a quarter of it; on an accelerator never under `min_decode_rows`, where a few more rows cost
-nothing and each other size would be a program to compile). Each engine call (`step`) first admits
-waiting requests, then decodes every active row `decode_chunk` steps in one compiled loop:
+The pool is `R` rows of capacity `C` (both powers of two, grown on demand and shrunk as rows finish;
+on an accelerator, where a few more rows cost nothing and each other size would be a program to
+compile, never under `min_decode_rows` and only once the rows in use fit in a quarter of it). Each
+engine call (`step`) first admits waiting requests, then decodes every active row `decode_chunk`
+steps in one compiled loop:
 
 - Admission prefills each request's prompt once, whatever its `num_samples`, then copies the
   prompt's keys/values into one pool row per sample. With the prefix cache it first copies the
@@ -74,6 +75,9 @@ class DecodeLoop:
         # as the pool holds, and a chunk multiplies by at least ONE_HOT_MAX_SLOTS snapshots (one program per
         # pool shape for each, not one per count).
         self._pad_for_programs = self._min_rows > 1
+        # Padding never makes a temporary of more than this many positions (prompts x capacity): long
+        # contexts take exact sizes.
+        self._pad_positions = 64 * self._min_prefill_tokens
         self._prompt_extras = prompt_extras
         self._continuous, self._prefill_once = continuous, prefill_once  # off only to measure what they save
         self.compile_counts = compile_counts
@@ -223,10 +227,10 @@ class DecodeLoop:
         stop_width = bucket(max([len(r.job.stop_tokens) for r, _ in plan] + [1]), 4)
         self._ensure_pool(self.active_rows + new_rows, need_capacity, stop_width)
 
-        p = bucket(len(prompts), self._min_prefill_tokens // suffix_len)
         # The prompts prefill into their own small cache, sized by what they hold (not by the pool), so the
         # model's prefill compiles per (prompts, suffix, capacity) bucket whatever the pool's shape.
         temp_capacity = bucket(max(shared for _, _, shared in prompts) + suffix_len, self._min_capacity)
+        p = bucket(len(prompts), min(self._min_prefill_tokens // suffix_len, self._pad_positions // temp_capacity))
         temp = self._placement.empty_cache(self._config, p, temp_capacity, self._dtype)
         tokens = np.zeros((p, suffix_len), np.int32)
         start, lengths, prompt_slots = np.zeros(p, np.int32), np.ones(p, np.int32), np.zeros(p, np.int32)
@@ -240,7 +244,9 @@ class DecodeLoop:
                 temp = self.place_entry(temp, entry.kv[:, :, :, :temp_capacity], jnp.int32(i))
         free = self._rows.free()
         # Padded entries of `dest` are dropped.
-        q = len(self._rows.owner) if self._pad_for_programs else bucket(new_rows)
+        q = bucket(new_rows)
+        if self._pad_for_programs and len(self._rows.owner) * temp_capacity <= self._pad_positions:
+            q = len(self._rows.owner)  # one admission program per pool shape
         dest = np.full(q, len(self._rows.owner), np.int32)  # out of range: dropped
         src = np.zeros(q, np.int32)
         k = 0
@@ -281,21 +287,22 @@ class DecodeLoop:
         self._registry.pin(slot)
 
     def _ensure_pool(self, rows_needed: int, capacity_needed: int, stop_width: int) -> None:
-        """Make the pool `bucket(rows_needed)` rows of at least `capacity_needed` positions (and stop lists
-        at least `stop_width` wide), moving the occupied rows to the front."""
+        """Make the pool at least `bucket(rows_needed)` rows (and `min_rows`) of at least `capacity_needed`
+        positions (and stop lists at least `stop_width` wide), moving the occupied rows to the front."""
         current = len(self._rows.owner)
         occupied = [r for r, owner in enumerate(self._rows.owner) if owner is not None]
         held = max([int(self._rows.prompt_len[r] + self._rows.budget[r]) + 1 for r in occupied], default=0)
         grow = rows_needed > current or capacity_needed > self._capacity or stop_width > self._stop_width
         # Every row costs a decode step its compute whether it is active or not, so the pool follows the
-        # demand down as well as up (a resize copies only the occupied rows' keys/values); but each new
-        # (shape, shape) pair is a program to compile, so it shrinks lazily: only once what it needs fits
-        # in a quarter of it, and then to twice that (load that wavers around a size resizes nothing).
+        # demand down as well as up (a resize copies only the occupied rows' keys/values). Where programs
+        # cost more than rows (`_pad_for_programs`) it shrinks lazily: only once what it needs fits in a
+        # quarter of it, and then to twice that, so load that wavers around a size resizes nothing.
         want = bucket(rows_needed, self._min_rows)
-        shrink = 4 * want <= current
+        lazy = self._pad_for_programs
+        shrink = (4 * want <= current) if lazy else want < current
         if self._cache is not None and not grow and not shrink:
             return
-        rows = 2 * want if shrink else max(want, current)
+        rows = (2 * want if lazy else want) if shrink else max(want, current)
         capacity = bucket(max(capacity_needed, held), self._min_capacity)
         if not shrink:
             capacity = max(capacity, self._capacity)
