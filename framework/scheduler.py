@@ -11,8 +11,8 @@ Rules (written down because correctness depends on them):
    head of their adapter's queue run as one engine call (an idle worker woken by such a request
    waits for the rest of its burst: until none has come for `batch_window_s`, or every adapter active in
    the last `ACTIVE_TENANT_S` has a request queued; it does not wait when no other adapter is active,
-   nor for a request that fills a batch alone: a lone tenant never pays the window), up to
-   `max_batch_rows` rows,
+   nor for a request that fills a batch alone: a lone tenant never pays the window; adapter-less
+   requests, e.g. scoring, wait as before), up to `max_batch_rows` rows,
    `max_batch_tokens` tokens (a request that alone fills a batch runs alone: co-batching it would
    cost more than it saves) and `max_batch_adapters` adapters (what the device holds at once);
    everything else runs alone.
