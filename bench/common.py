@@ -8,6 +8,7 @@ figure that matters, not the absolute time.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -19,6 +20,23 @@ QWEN3_BENCH_CONFIG = dict(
     num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096,
     rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
 )
+
+
+class CompileClock:
+    """Seconds XLA has spent compiling programs in this process (from `jax.monitoring` events), so a
+    benchmark can say how much of a timed stretch went to compiles (seconds each on a GPU)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._lock = threading.Lock()
+        jax.monitoring.register_event_duration_secs_listener(self._record)
+
+    def _record(self, event: str, duration: float, **_: object) -> None:
+        if event == self.EVENT:
+            with self._lock:
+                self.seconds += duration
 
 
 def log(msg: str) -> None:
