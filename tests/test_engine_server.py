@@ -720,17 +720,22 @@ def test_remat_and_attention_kernel_settings_keep_the_gradients(base_model):
     assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(results["default"][1]))
 
 
+def recording_batches(batches: list[list[int]]):
+    """A scheduler batch function that echoes its payloads and records each batch it ran."""
+    def run(payloads):
+        batches.append(list(payloads))
+        return list(payloads)
+
+    return run
+
+
 def test_an_idle_worker_waits_for_the_end_of_a_burst():
     """Requests that keep arriving within the batch window of each other share one batch, even when
     the burst lasts longer than one window; a request after a quiet window starts a new batch."""
     batches: list[list[int]] = []
+    run = recording_batches(batches)
     scheduler = Scheduler(batch_window_s=0.1)
     try:
-
-        def run(payloads):
-            batches.append(list(payloads))
-            return list(payloads)
-
         for i in range(7):  # the tenants are known to the scheduler (as creating their adapters makes them)
             scheduler.call(lambda: None, adapter_id=f"a{i}").result(10)
         time.sleep(0.05)  # the worker is idle
@@ -749,11 +754,9 @@ def test_an_idle_worker_waits_for_the_end_of_a_burst():
 def test_a_lone_tenant_never_waits_for_a_burst():
     """The batch window is paid only when another adapter is active and there is room in the batch: a
     lone tenant's requests (and a request that fills a batch alone) start at once."""
+    run = recording_batches([])
     scheduler = Scheduler(batch_window_s=0.05, max_batch_tokens=100)
     try:
-        def run(payloads):
-            return list(payloads)
-
         for i in range(3):
             assert scheduler.submit(run, i, adapter_id="a", batch_key="k", tokens=10).result(10) == i
         assert scheduler.stats()["burst_waits"] == 0
@@ -775,12 +778,9 @@ def test_a_burst_ends_once_every_active_tenant_has_a_request_queued():
     """With a window far longer than the test may take, the two active tenants' requests still run at
     once, together: once both are queued there is nobody left to wait for."""
     batches: list[list[int]] = []
+    run = recording_batches(batches)
     scheduler = Scheduler(batch_window_s=120.0)
     try:
-        def run(payloads):
-            batches.append(list(payloads))
-            return list(payloads)
-
         for adapter in ("a", "b"):
             scheduler.call(lambda: None, adapter_id=adapter).result(10)
         time.sleep(0.05)  # the worker is idle
