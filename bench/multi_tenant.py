@@ -13,10 +13,12 @@ public client API (the scheduler batches what is submitted together):
    The one-at-a-time runs go with the scheduler's batch window off: a lone request has no burst to wait
    for, so the baseline does not pay that wait.
 2. large requests: each tenant a batch of 8 × 256; N = 4 tenants' aggregate vs one tenant alone.
-3. capacity: one adapter's step (4 × 128 tokens) on engines holding 8, 32 and 128 resident adapters,
+3. ragged requests: 8 tenants in one burst, one training a 256-token sequence and seven a 32-token one
+   each: rows that mix adapters' sequences (2 rows of 256) vs one adapter per row (8 rows).
+4. capacity: one adapter's step (4 × 128 tokens) on engines holding 8, 32 and 128 resident adapters,
    each in its own process: time and peak memory, host and (on an accelerator) device (targets: within
    10% of each other).
-4. paging: the mean time to page an rank-32 adapter (weights, AdamW moments, gradients) back in.
+5. paging: the mean time to page an rank-32 adapter (weights, AdamW moments, gradients) back in.
 
     python -m bench.multi_tenant [--tenants 1,2,4,8,16,32] [--repeats 3]
 
@@ -26,6 +28,7 @@ Progress goes to stderr; the last line on stdout is one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import subprocess
@@ -152,6 +155,39 @@ def large_requests(directory: str, home: str, repeats: int) -> dict:
             "ratio": round(4 * best["one"] / best["four"], 2)}
 
 
+def ragged_requests(directory: str, home: str, repeats: int) -> dict:
+    with ServiceClient(home=home) as service:
+        clients = [service.create_lora_training_client(directory, rank=32, seed=i) for i in range(8)]
+        engine, _ = service._runtime.get(directory)
+        vocab = engine.model_config.vocab_size
+        rng = np.random.default_rng(3)
+        data = [make_data(rng, vocab, 1, 256)] + [make_data(rng, vocab, 1, 32) for _ in clients[1:]]
+
+        def run() -> None:
+            futures = [(c.forward_backward(d, "cross_entropy"), c.optim_step(ADAM))
+                       for c, d in zip(clients, data, strict=True)]
+            for fb, opt in futures:
+                fb.result(), opt.result()
+
+        def one_adapter_per_row() -> None:
+            mixing, engine.config = engine.config, dataclasses.replace(engine.config, pack_across_adapters=False)
+            try:
+                run()
+            finally:
+                engine.config = mixing
+
+        run(), one_adapter_per_row()
+        before = engine.metrics()["training"]
+        best = alternate_best({"mixed": run, "one_adapter_per_row": one_adapter_per_row}, repeats)
+        after = engine.metrics()["training"]
+    tokens = 256 + 7 * 32
+    return {"mixed_tokens_per_s": round(tokens / best["mixed"], 1),
+            "one_adapter_per_row_tokens_per_s": round(tokens / best["one_adapter_per_row"], 1),
+            "ratio": round(best["one_adapter_per_row"] / best["mixed"], 2),
+            "mixed_batches": after["mixed_batches"] - before["mixed_batches"],
+            "batches": after["batches"] - before["batches"]}
+
+
 def capacity_child(directory: str, capacity: int, repeats: int) -> None:
     """In a fresh process: an engine holding `capacity` resident adapters, one of them stepping."""
     from framework.engine import DatumArrays, Engine, ForwardRequest, OptimRequest
@@ -201,7 +237,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tenants", default="1,2,4,8,16,32")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: small,large,capacity")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: small,large,ragged,capacity")
     parser.add_argument("--capacity-child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -219,6 +255,8 @@ def main() -> None:
                                              args.repeats)
         if "large" not in skip:
             result["large"] = large_requests(directory, home, args.repeats)
+        if "ragged" not in skip:
+            result["ragged"] = ragged_requests(directory, home, args.repeats)
         if "capacity" not in skip:
             result["capacity"] = capacity(directory, args.repeats)
     print(json.dumps(result))

@@ -132,7 +132,9 @@ def make_hook(
     bank: LoraBank, slot_ids: jax.Array, *, one_hot: bool = False, compute_dtype: jnp.dtype | None = None,
     layout: Callable[[str, str, jax.Array], jax.Array] | None = None,
 ) -> LinearHook:
-    """A `LinearHook` adding each row's adapter: `slot_ids [B]` picks the slot of every batch row.
+    """A `LinearHook` adding each row's adapter: `slot_ids [B]` picks the slot of every batch row, or
+    `slot_ids [B, K]` the slot of each of a row's K equal chunks of tokens (rows that hold sequences of
+    several adapters, each sequence starting on a chunk; `T` divisible by K).
 
     `compute_dtype` (default: the bank's dtype) is the dtype of the low-rank products. An fp32 bank
     (master weights, hence fp32 gradients and AdamW moments) under a bf16 model takes bf16 here, so
@@ -168,8 +170,12 @@ def make_hook(
         if target not in layers:
             return y
         li = 0 if layer == UNEMBED_LAYER else layer
-        a = laid_out(target, "a", layers[target][0][li])[slot_ids]  # [B, d_in, R]
-        b = laid_out(target, "b", layers[target][1][li])[slot_ids]  # [B, R, d_out]
+        a = laid_out(target, "a", layers[target][0][li])[slot_ids]  # [B, d_in, R] or [B, K, d_in, R]
+        b = laid_out(target, "b", layers[target][1][li])[slot_ids]  # [B, R, d_out] or [B, K, R, d_out]
+        if slot_ids.ndim == 2:  # K chunks per row, each its own slot
+            chunks = x.reshape(x.shape[0], slot_ids.shape[1], -1, x.shape[-1])  # [B, K, T/K, d_in]
+            h = jnp.einsum("bkci,bkir->bkcr", chunks.astype(a.dtype), a) * scales[:, :, None, None].astype(a.dtype)
+            return y + jnp.einsum("bkcr,bkro->bkco", h, b).reshape(y.shape).astype(y.dtype)
         h = jnp.einsum("b...i,bir->b...r", x.astype(a.dtype), a)
         h = h * scales.reshape((-1,) + (1,) * (h.ndim - 1)).astype(h.dtype)
         return y + jnp.einsum("b...r,bro->b...o", h, b).astype(y.dtype)

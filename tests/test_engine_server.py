@@ -545,6 +545,83 @@ def test_packed_rows_and_batched_optim_steps_equal_the_plain_ones(base_model):
     assert packed.compile_counts["optim_step"] == 1  # the three adapters' steps in one call
 
 
+MIXED_LENGTHS = [(5, 9), (3,), (12,), (7, 6), (30,)]
+"""Five adapters' datums: one adapter per row takes 5 rows (8 with padding); rows of two 16-token chunks
+holding several adapters take 4."""
+
+
+def mixed_requests(seed: int = 8) -> list[tuple[str, object]]:
+    from framework.validation import datums_to_arrays
+
+    rng = np.random.default_rng(seed)
+    return [(f"t{i}", datums_to_arrays([datum(rng, n) for n in lengths], "cross_entropy", None, vocab_size=VOCAB,
+                                       max_seq_len=64)[0]) for i, lengths in enumerate(MIXED_LENGTHS)]
+
+
+def test_rows_mixing_adapters_equal_one_adapter_per_row(base_model):
+    """Short sequences of several adapters sharing rows (each adapter's LoRA applied chunk by chunk) give
+    the same logprobs, losses and gradients as one adapter per row, and as no packing at all."""
+    from framework.engine.packing import layout
+
+    requests = mixed_requests()
+    flat = [(g, d) for g, (_, arrays) in enumerate(requests) for d in arrays]
+    batch = layout([g for g, _ in flat], [d for _, d in flat], [{}] * len(flat), ("target_tokens", "weights"),
+                   min_bucket=32, pack=True, mix=True)
+    assert batch.mixed and batch.tokens.shape == (4, 32) and batch.groups.shape == (4, 2)
+    assert all(s % 16 == 0 for _, s, _ in batch.placement)  # every datum starts on a chunk
+    outs, grads = [], []
+    engines = [Engine(base_model, EngineConfig(max_rank=8, pack=True)),
+               Engine(base_model, EngineConfig(max_rank=8, pack=True, pack_across_adapters=False)),
+               Engine(base_model, EngineConfig(max_rank=8, pack=False))]
+    for engine in engines:
+        for name, _ in requests:
+            engine.create_adapter(rank=4, seed=int(name[1:]), adapter_id=name)
+        outs.append(engine.forward([ForwardRequest(n, a, "cross_entropy") for n, a in requests], backward=True))
+        grads.append([jax.device_get(engine.adapters[n].grads) for n, _ in requests])
+    assert [e.metrics()["training"]["mixed_batches"] for e in engines] == [1, 0, 0]
+    assert engines[0].metrics()["training"]["unmixed_reruns"] == 0
+    padding = [e.metrics()["training"]["padding_fraction"] for e in engines]
+    assert padding[0] < padding[1] <= padding[2]  # (one adapter per row: 5 rows, no fewer than unpacked)
+    for other in (1, 2):
+        for a, b in zip(outs[0], outs[other], strict=True):
+            assert a.loss == pytest.approx(b.loss, rel=1e-6)
+            for x, y in zip(a.logprobs, b.logprobs, strict=True):
+                np.testing.assert_allclose(x, y, atol=1e-5)
+        for x, y in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[other]), strict=True):
+            np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_a_diverged_adapter_never_leaks_into_the_rows_it_shares(base_model):
+    """An adapter whose weights went non-finite, batched with others into mixed rows: the batch runs again
+    with one adapter per row, so the others' losses and gradients are those of a healthy batch."""
+    from framework.engine.packing import layout
+
+    requests = mixed_requests()
+    mixed = Engine(base_model, EngineConfig(max_rank=8))
+    healthy = Engine(base_model, EngineConfig(max_rank=8, pack=False))
+    for engine in (mixed, healthy):
+        for name, _ in requests:
+            engine.create_adapter(rank=4, seed=int(name[1:]), adapter_id=name)
+    flat = [(g, d) for g, (_, arrays) in enumerate(requests) for d in arrays]
+    placement = layout([g for g, _ in flat], [d for _, d in flat], [{}] * len(flat), ("target_tokens", "weights"),
+                       min_bucket=32, pack=True, mix=True).placement
+    assert placement[2][0] == placement[3][0]  # t1's datum and t2's share a row
+    broken = mixed.adapters["t2"]
+    broken.weights = jax.tree.map(lambda w: w * np.float32(np.inf), broken.weights)
+    got = mixed.forward([ForwardRequest(n, a, "cross_entropy") for n, a in requests], backward=True)
+    want = healthy.forward([ForwardRequest(n, a, "cross_entropy") for n, a in requests], backward=True)
+    assert mixed.metrics()["training"]["unmixed_reruns"] == 1
+    assert not np.isfinite(got[2].loss)
+    for i, (name, _) in enumerate(requests):
+        if name == "t2":
+            continue
+        assert got[i].loss == pytest.approx(want[i].loss, rel=1e-6)
+        for x, y in zip(jax.tree.leaves(jax.device_get(mixed.adapters[name].grads)),
+                        jax.tree.leaves(jax.device_get(healthy.adapters[name].grads)), strict=True):
+            assert np.isfinite(x).all()
+            np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-4)
+
+
 def test_metrics_report_the_engine_state(base_model, tmp_path):
     with ServiceClient(home=tmp_path) as service:
         client = service.create_lora_training_client(base_model, rank=4, seed=1)

@@ -32,6 +32,7 @@ class EngineConfig:
     batch_window_ms: float = 5.0  # an idle engine waits this long for a burst of requests to batch together
     max_optim_batch: int = 8  # optim_steps of different adapters applied in one compiled call
     pack: bool = True  # pack short training sequences into shared rows when that saves padding
+    pack_across_adapters: bool = True  # ... and let a row hold several adapters' sequences (packing.layout)
     decode_rows: int = 64  # sequences decoding at once (the KV-cache row pool)
     decode_chunk: int = 8  # decode steps per engine call; waiting requests join between chunks
     # The smallest decode pool (rows) and prefill batch (prompts x tokens). Padding up to these costs an

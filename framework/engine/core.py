@@ -32,7 +32,7 @@ from flax import nnx
 from framework.engine.adapters import AdapterPool, AdapterState
 from framework.engine.config import EngineConfig
 from framework.engine.decode import DecodeLoop
-from framework.engine.packing import layout
+from framework.engine.packing import Batch, layout
 from framework.engine.placement import Placement
 from framework.engine.prefix_cache import PrefixCache
 from framework.engine.requests import (
@@ -191,22 +191,32 @@ class Engine:
 
     def _run_forward(self, loss_name: str, weights: tuple, scales: np.ndarray,
                      flat: list[tuple[int, DatumArrays, dict[str, float]]], *, backward: bool,
-                     adapters: Sequence[AdapterState] = ()) -> tuple[list[np.ndarray], np.ndarray, dict]:
+                     adapters: Sequence[AdapterState] = (), mix: bool | None = None
+                     ) -> tuple[list[np.ndarray], np.ndarray, dict]:
         n = max(len(d.tokens) for _, d, _ in flat)
         if n > self.max_seq_len:
             raise ValueError(f"sequence length {n} exceeds the engine's max_seq_len {self.max_seq_len}")
+        mix = self.config.pack_across_adapters if mix is None else mix
         batch = layout([g for g, _, _ in flat], [d for _, d, _ in flat], [c for _, _, c in flat],
-                       LOSSES[loss_name].input_keys, min_bucket=self.config.min_seq_bucket, pack=self.config.pack)
+                       LOSSES[loss_name].input_keys, min_bucket=self.config.min_seq_bucket, pack=self.config.pack,
+                       mix=mix)
         arrays = self.placement.batch(batch_arrays(batch))
+        grads_finite = None
         if backward:
-            grads, logprobs, loss, metrics = self._steps.forward_backward(
+            grads, logprobs, loss, metrics, grads_finite = self._steps.forward_backward(
                 self._base, weights, scales, arrays, loss_name=loss_name, num_datums=batch.num_datums)
         else:
             logprobs, loss, metrics = self._steps.forward(self._base, weights, scales, arrays, loss_name=loss_name,
                                                           num_datums=batch.num_datums)
         # Wait for the step before touching any adapter: an execution error surfaces here, with every
         # adapter's state as it was (so the scheduler can retry each request alone).
-        logprobs, loss, metrics = jax.device_get((logprobs, loss, metrics))
+        logprobs, loss, metrics, grads_finite = jax.device_get((logprobs, loss, metrics, grads_finite))
+        if batch.mixed and not _all_finite(batch, logprobs, loss, grads_finite):
+            # A non-finite value in a row shared by several adapters may have leaked into its neighbours
+            # (`packing`): run the batch again with one adapter per row, where it cannot.
+            self._stats["unmixed_reruns"] += 1
+            return self._run_forward(loss_name, weights, scales, flat, backward=backward, adapters=adapters,
+                                     mix=False)
         if backward:
             new = [grads[i] if a.grads is None else self._steps.accumulate(a.grads, grads[i])
                    for i, a in enumerate(adapters)]
@@ -217,6 +227,7 @@ class Engine:
         real = sum(p[2] for p in batch.placement)
         self._stats["batches"] += 1
         self._stats["packed_batches"] += batch.packed
+        self._stats["mixed_batches"] += batch.mixed
         self._stats["tokens"] += real
         self._stats["padded_tokens"] += batch.tokens.size
         per_datum = [np.asarray(logprobs[r, s: s + n]) for r, s, n in batch.placement]
@@ -490,12 +501,19 @@ class Engine:
                          "queue_wait_seconds": dec.queue_wait_seconds, "seconds": self._seconds["sample"],
                          "tokens_per_s": dec.stats["tokens"] / max(self._seconds["sample"], 1e-9)},
             "training": {"batches": self._stats["batches"], "packed_batches": self._stats["packed_batches"],
+                         "mixed_batches": self._stats["mixed_batches"], "unmixed_reruns": self._stats["unmixed_reruns"],
                          "tokens": self._stats["tokens"], "padding_fraction": 1 - self._stats["tokens"] / padded,
                          "optim_steps": self._stats["optim_steps"],
                          "seconds": {k: v for k, v in self._seconds.items() if k != "sample"},
                          "tokens_per_s": self._stats["tokens"] / max(self._seconds["forward"]
                                                                      + self._seconds["forward_backward"], 1e-9)},
         }
+
+
+def _all_finite(batch: Batch, logprobs: np.ndarray, loss: np.ndarray, grads_finite: np.ndarray | None) -> bool:
+    """Whether every datum's logprobs and loss, and every adapter's gradient, came out finite."""
+    return (bool(np.isfinite(loss).all()) and (grads_finite is None or bool(np.all(grads_finite)))
+            and all(np.isfinite(logprobs[r, s: s + n]).all() for r, s, n in batch.placement))
 
 
 __all__ = ["BASE", "Engine"]

@@ -9,8 +9,8 @@ back per adapter; the engine adds them to each adapter's own accumulator.
 Nothing is donated: a step that fails leaves every adapter's weights, moments and gradients as they
 were (the engine then retries each request alone, and no tenant's state is lost).
 
-Compiled once per (op, loss, G, rows, row length, datum count, packed) — all powers of two — and,
-for custom losses, per loss structure and lengths (an LRU of `custom_steps` programs).
+Compiled once per (op, loss, G, rows, row length, datum count, packed, chunks per row) — all powers
+of two — and, for custom losses, per loss structure and lengths (an LRU of `custom_steps` programs).
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ from models import token_logprobs
 def stack_adapters(adapters: Sequence[LoraWeights]) -> LoraWeights:
     """`G` adapters `[L, d, R]` → one bank `[L, G, d, R]` per leaf."""
     return jax.tree.map(lambda *ws: jnp.stack(ws, axis=1), *adapters)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
 def _reduce_by_datum(values: jax.Array, datum_ids: jax.Array, num_datums: int, op: str) -> jax.Array:
@@ -72,7 +76,7 @@ class TrainingSteps:
     # ------------------------------------------------------------------------------ built-in losses
     def _logprobs(self, base, adapters, scales, batch_arrays, remat: str = "none") -> jax.Array:
         model = nnx.merge(self._graphdef, base)
-        hook = self._placement.hook(LoraBank(stack_adapters(adapters), scales), batch_arrays["row_group"])
+        hook = self._placement.hook(LoraBank(stack_adapters(adapters), scales), batch_arrays["groups"])
         segments = batch_arrays.get("segments")
         logits = model(batch_arrays["tokens"], batch_arrays["positions"], hook=hook, segment_ids=segments,
                        remat=remat, attention=self._attend if segments is None else None)
@@ -104,7 +108,10 @@ class TrainingSteps:
             return total, (logprobs, loss, metrics)
 
         grads, (logprobs, loss, metrics) = jax.grad(objective, has_aux=True)(adapters)
-        return tuple(map(self._placement.constrain_adapter, grads)), logprobs, loss, metrics
+        # Rows that mix adapters are checked by the engine (`packing`): here, whether each adapter's
+        # gradient is finite.
+        finite = None if batch_arrays["groups"].ndim == 1 else jnp.stack([_all_finite(g) for g in grads])
+        return tuple(map(self._placement.constrain_adapter, grads)), logprobs, loss, metrics, finite
 
     # ---------------------------------------------------------------------------------- custom loss
     def custom_step(self, loss: Any, out_tree: Any, lengths: tuple[int, ...]) -> Any:
@@ -160,7 +167,7 @@ class TrainingSteps:
 
 def batch_arrays(batch: Batch) -> dict[str, Any]:
     """The arrays of a `Batch` the compiled steps read (segments only when packed)."""
-    arrays = {"tokens": batch.tokens, "positions": batch.positions, "row_group": batch.row_group,
+    arrays = {"tokens": batch.tokens, "positions": batch.positions, "groups": batch.groups,
               "inputs": batch.inputs, "config": batch.config, "datum_ids": batch.datum_ids}
     if batch.segments is not None:
         arrays["segments"] = batch.segments
