@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The serving benchmarks on an accelerator, as one command: the environment, then bench.multi_tenant
-# (small requests, large requests, capacity) and bench.rl_workload, each under its own time limit so
+# (small, large and ragged requests, capacity) and bench.rl_workload, each under its own time limit so
 # that one slow part cannot starve the rest. Logs and the JSON lines land in $OUT (default bench_out/).
 #
-#     SUITE_PARTS="small large capacity" bash bench/accelerator_suite.sh   # ~5 min on an H200
+#     SUITE_PARTS="small large ragged capacity" bash bench/accelerator_suite.sh   # ~5 min on an H200
 #     SUITE_PARTS=rl XLA_FLAGS=--xla_gpu_autotune_level=0 bash bench/accelerator_suite.sh   # ~5 min
 #
 # (The whole suite runs past a 10-minute command limit: split it as above. On a GPU a compile takes
@@ -15,7 +15,7 @@
 set -u
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
-PARTS=${SUITE_PARTS:-"small rl large capacity"}
+PARTS=${SUITE_PARTS:-"small rl large ragged capacity"}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}  # device peaks become readable
@@ -53,14 +53,16 @@ run_part() {
 
 for part in $PARTS; do
     case $part in
-        small) run_part small "${LIMIT_SMALL:-220}" "$PY" -m bench.multi_tenant --skip large,capacity \
+        small) run_part small "${LIMIT_SMALL:-220}" "$PY" -m bench.multi_tenant --skip large,ragged,capacity \
             --tenants "${TENANTS:-1,2,4,8,16,32}" --repeats "${REPEATS:-3}" ;;
         rl) run_part rl "${LIMIT_RL:-290}" "$PY" -m bench.rl_workload --warmup "${WARMUP:-1}" \
             --iterations "${ITERATIONS:-3}" ;;
-        large) run_part large "${LIMIT_LARGE:-60}" "$PY" -m bench.multi_tenant --skip small,capacity \
+        large) run_part large "${LIMIT_LARGE:-60}" "$PY" -m bench.multi_tenant --skip small,ragged,capacity \
             --repeats "${REPEATS:-3}" ;;
-        capacity) run_part capacity "${LIMIT_CAPACITY:-100}" "$PY" -m bench.multi_tenant --skip small,large \
+        ragged) run_part ragged "${LIMIT_RAGGED:-60}" "$PY" -m bench.multi_tenant --skip small,large,capacity \
             --repeats "${REPEATS:-3}" ;;
-        *) echo "unknown part $part (small rl large capacity)" ;;
+        capacity) run_part capacity "${LIMIT_CAPACITY:-100}" "$PY" -m bench.multi_tenant --skip small,large,ragged \
+            --repeats "${REPEATS:-3}" ;;
+        *) echo "unknown part $part (small rl large ragged capacity)" ;;
     esac
 done

@@ -7,10 +7,10 @@ starts (the rest of the suite runs on one device):
 
 The same workload runs on an engine over one device and on engines over meshes of all 8 (the
 default `EngineConfig()`, and explicit `MeshConfig`s): two adapters trained in one batch
-(forward_backward + a batched optim_step), a forward pass, an adapter paged out and back in, and
-greedy sampling from a published snapshot and from the base model. It writes, per mesh, the largest
-differences from the single-device results, the compiles a repeat of the workload caused, and how
-the engine placed its state.
+(forward_backward, one more in a row both share, and a batched optim_step), a forward pass, an
+adapter paged out and back in, and greedy sampling from a published snapshot and from the base
+model. It writes, per mesh, the largest differences from the single-device results, the compiles a
+repeat of the workload caused, and how the engine placed its state.
 """
 
 from __future__ import annotations
@@ -61,6 +61,11 @@ def workload(engine: Engine) -> dict[str, Any]:
                                   ForwardRequest(b, datums(vocab, [20], 20 + round_), "cross_entropy")], backward=True)
         out[f"fb{round_}_logprobs"] = [lp for r in results for lp in r.logprobs]
         out[f"fb{round_}_loss"] = [r.loss for r in results]
+        # Two short sequences of different adapters: one row holding both (`packing`, rows mixing adapters).
+        mixed = engine.forward([ForwardRequest(a, datums(vocab, [12], 40 + round_), "cross_entropy"),
+                                ForwardRequest(b, datums(vocab, [9], 50 + round_), "cross_entropy")], backward=True)
+        out[f"mixed{round_}_logprobs"] = [lp for r in mixed for lp in r.logprobs]
+        out["mixed_batches"] = engine.metrics()["training"]["mixed_batches"]
         out[f"grads{round_}"] = jax.device_get([engine.adapters.get(x).grads for x in (a, b)])
         engine.optim_step([OptimRequest(a, AdamHyperparams.make(1e-2)), OptimRequest(b, AdamHyperparams.make(2e-2))])
         out[f"weights{round_}"] = jax.device_get([engine.adapter_weights(x) for x in (a, b)])
@@ -120,10 +125,10 @@ def main(out_path: str, checkpoint: str) -> None:
     base_config = dict(max_adapters=2, max_rank=8, sampler_slots=2, decode_rows=4)
     reference = workload(Engine(checkpoint, EngineConfig(**base_config, mesh=MeshConfig(fsdp=1)),
                                 devices=jax.devices()[:1]))
-    report: dict[str, Any] = {"reference": {"recompiles": reference["recompiles"],
-                                            "placement": reference["placement"]}, "meshes": {}}
+    report: dict[str, Any] = {"reference": {"recompiles": reference["recompiles"], "placement": reference["placement"],
+                                            "mixed_batches": reference["mixed_batches"]}, "meshes": {}}
     numeric = [k for k in reference if k not in ("recompiles", "placement", "sample_tokens", "paged_out",
-                                                 "paged_forward_diff")]
+                                                 "paged_forward_diff", "mixed_batches")]
     for name, mesh in MESHES.items():
         config = EngineConfig(**base_config) if mesh is None else EngineConfig(**base_config, mesh=mesh)
         got = workload(Engine(checkpoint, config))
@@ -132,6 +137,7 @@ def main(out_path: str, checkpoint: str) -> None:
             "sample_tokens_equal": got["sample_tokens"] == reference["sample_tokens"],
             "recompiles": got["recompiles"], "placement": got["placement"],
             "paged_out": got["paged_out"], "paged_forward_diff": got["paged_forward_diff"],
+            "mixed_batches": got["mixed_batches"],
         }
         print(name, json.dumps(report["meshes"][name]["placement"]), file=sys.stderr, flush=True)
     with open(out_path, "w") as f:

@@ -48,8 +48,9 @@ def report(tmp_path_factory) -> dict[str, Any]:
 @pytest.mark.parametrize("mesh", MESHES)
 def test_engine_on_a_mesh_equals_one_device(report, mesh):
     row = report["meshes"][mesh]
-    assert set(row["diffs"]) >= {"fb0_logprobs", "fb0_loss", "grads0", "weights0", "fb1_loss", "grads1", "weights1",
-                                 "forward_logprobs", "sample_logprobs", "scored_logprobs"}
+    assert set(row["diffs"]) >= {"fb0_logprobs", "fb0_loss", "mixed0_logprobs", "grads0", "weights0", "fb1_loss",
+                                 "grads1", "weights1", "forward_logprobs", "sample_logprobs", "scored_logprobs"}
+    assert row["mixed_batches"] == report["reference"]["mixed_batches"] == 2  # a row of both adapters, each round
     for key, (diff, scale) in row["diffs"].items():
         assert scale > 0, f"{key}: the reference is all zero, the comparison proves nothing"
         assert diff <= TOL * max(1.0, scale), f"{key}: max |mesh - one device| = {diff:.3g} (scale {scale:.3g})"
