@@ -10,9 +10,9 @@ Rules (written down because correctness depends on them):
 2. Requests whose `batch_key` is equal (e.g. `("forward_backward", "ppo")`) and that are all at the
    head of their adapter's queue run as one engine call (an idle worker woken by such a request
    waits for the rest of its burst: until none has come for `batch_window_s`, or every adapter active in
-   the last `ACTIVE_TENANT_S` has a request queued; it does not wait when no other adapter is active,
-   nor for a request that fills a batch alone: a lone tenant never pays the window; adapter-less
-   requests, e.g. scoring, wait as before), up to `max_batch_rows` rows,
+   the last `ACTIVE_TENANT_S` with that key, or new, has a request queued; it does not wait when no
+   other such adapter is active, nor for a request that fills a batch alone: a lone tenant never pays
+   the window; adapter-less requests, e.g. scoring, wait as before), up to `max_batch_rows` rows,
    `max_batch_tokens` tokens (a request that alone fills a batch runs alone: co-batching it would
    cost more than it saves) and `max_batch_adapters` adapters (what the device holds at once);
    everything else runs alone.
@@ -97,7 +97,8 @@ class Scheduler:
         self.errors = 0
         self.queue_wait_seconds = 0.0
         self.burst_waits = 0  # times an idle worker waited for the rest of a burst
-        self._last_seen: dict[str, float] = {}  # adapter -> when it last submitted (with a batch window)
+        # adapter -> batch key (None: a request that batches with nothing) -> when it last submitted one
+        self._last_seen: dict[str, dict[Hashable | None, float]] = {}
         self._seen_after_prune = 64
         self._thread = threading.Thread(target=self._loop, name=f"{name}-scheduler", daemon=True)
         self._thread.start()
@@ -130,7 +131,7 @@ class Scheduler:
             if self._closed:
                 raise SchedulerClosed("the engine's scheduler is shut down")
             if adapter_id is not None and self.batch_window_s:
-                self._last_seen[adapter_id] = request.submitted
+                self._last_seen.setdefault(adapter_id, {})[batch_key] = request.submitted
                 if len(self._last_seen) > 2 * self._seen_after_prune:
                     self._forget_quiet()
             if priority:
@@ -227,13 +228,16 @@ class Scheduler:
         if head.adapter_id is None:  # adapter-less requests (scoring) batch with each other: always wait
             return True
         self._forget_quiet()
-        return not self._burst_complete()
+        return not self._burst_complete(head.batch_key)
 
     def _forget_quiet(self) -> None:
         """Drop the adapters that have not submitted for `ACTIVE_TENANT_S`. Called holding the lock."""
         now = time.perf_counter()
-        for adapter in [a for a, t in self._last_seen.items() if now - t > ACTIVE_TENANT_S]:
-            del self._last_seen[adapter]
+        for adapter, keys in list(self._last_seen.items()):
+            for key in [k for k, t in keys.items() if now - t > ACTIVE_TENANT_S]:
+                del keys[key]
+            if not keys:
+                del self._last_seen[adapter]
         self._seen_after_prune = max(64, len(self._last_seen))
 
     def forget(self, adapter_id: str) -> None:
@@ -241,10 +245,14 @@ class Scheduler:
         with self._cond:
             self._last_seen.pop(adapter_id, None)
 
-    def _burst_complete(self) -> bool:
-        """Every active adapter has a request queued: nobody is left to wait for. Called holding the lock."""
+    def _burst_complete(self, batch_key: Hashable) -> bool:
+        """Every adapter active with `batch_key` has a request queued: nobody is left to wait for. An adapter
+        counts when it submitted a request of that key, or has submitted no batchable request yet (a new
+        tenant, about to show what it does); one that only samples, or trains with another loss, never
+        holds up the batch. Called holding the lock."""
         queued = {r.adapter_id for r in self._pending}
-        return all(adapter in queued for adapter in self._last_seen)
+        return all(adapter in queued for adapter, keys in self._last_seen.items()
+                   if batch_key in keys or keys.keys() <= {None})
 
     def _has_background(self) -> bool:
         if self._background is None:
@@ -267,11 +275,12 @@ class Scheduler:
                         # submitting at the same moment) time to arrive, so they share one step: wait until
                         # no request has come for `batch_window_s` (at most BURST_WINDOWS of them in all).
                         self.burst_waits += 1
+                        key = self._pending[0].batch_key
                         start = time.perf_counter()
                         deadline, seen = start + self.batch_window_s, len(self._pending)
                         while not self._closed and (left := deadline - time.perf_counter()) > 0:
                             self._cond.wait(left)
-                            if self._burst_complete():
+                            if self._burst_complete(key):
                                 break
                             if len(self._pending) != seen:
                                 seen = len(self._pending)

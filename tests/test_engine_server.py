@@ -851,6 +851,24 @@ def test_a_lone_tenant_never_waits_for_a_burst():
         scheduler.shutdown()
 
 
+def test_a_burst_waits_only_for_tenants_that_submit_its_kind_of_request():
+    """A tenant active with other requests (another loss, say) never holds up a batch it cannot join; a
+    new tenant, that has shown nothing yet, does."""
+    run = recording_batches([])
+    scheduler = Scheduler(batch_window_s=0.05)
+    try:
+        assert scheduler.submit(run, 0, adapter_id="b", batch_key="other").result(10) == 0
+        time.sleep(0.05)  # the worker is idle
+        assert scheduler.submit(run, 1, adapter_id="a", batch_key="k").result(10) == 1
+        assert scheduler.stats()["burst_waits"] == 0
+        scheduler.call(lambda: None, adapter_id="c").result(10)  # a new tenant
+        time.sleep(0.05)
+        assert scheduler.submit(run, 2, adapter_id="a", batch_key="k").result(10) == 2
+        assert scheduler.stats()["burst_waits"] == 1
+    finally:
+        scheduler.shutdown()
+
+
 def test_a_burst_ends_once_every_active_tenant_has_a_request_queued():
     """With a window far longer than the test may take, the two active tenants' requests still run at
     once, together: once both are queued there is nobody left to wait for."""
