@@ -512,6 +512,52 @@ def test_compute_logprobs_computes_only_what_the_prefix_cache_does_not_know(base
     assert plain.compile_counts["score"] == 0
 
 
+def test_a_one_token_sample_for_prompt_logprobs_takes_one_forward_pass(base_model):
+    """The official SDK's compute_logprobs (one token, prompt logprobs) of prompts the cache knows nothing
+    of: one training forward serves it, without prefill or decode. The prompt logprobs are the training
+    forward's exactly; the sampled token and its logprob are the decode loop's (sampling the same one
+    token without prompt logprobs); and the prompt goes to the prefix cache, so another completion of
+    the same context computes only its own tokens."""
+    engine = Engine(base_model, EngineConfig(max_rank=8))
+    adapter = engine.create_adapter(rank=4, seed=3)
+    weights = jax.tree.map(lambda w: np.random.default_rng(1).normal(0, 0.05, w.shape).astype(w.dtype),
+                           jax.device_get(adapter.weights))
+    engine.set_adapter_state(adapter.adapter_id, weights, None, 0)
+    sid = engine.publish(adapter.adapter_id).snapshot_id
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(3, VOCAB, n).astype(np.int32) for n in (20, 33, 9)]
+    jobs = [SampleJob(snapshot_id=snapshot, prompt=p, num_samples=n, max_tokens=1, temperature=t, top_p=1.0,
+                      top_k=-1, seed=s, stop_tokens=(int(p[0]),), prompt_logprobs=True)
+            for (snapshot, p, n, t, s) in ((sid, prompts[0], 1, 1.0, 0), (sid, prompts[1], 3, 1.0, 5),
+                                           ("base", prompts[2], 2, 0.0, 7))]
+    got = [engine.sample([job])[0] for job in jobs]  # one at a time: the same shapes as `logprobs` below
+    assert engine.metrics()["sampling"]["one_pass_requests"] == 3
+    assert engine.compile_counts["prefill"] == 0 and engine.compile_counts["decode"] == 0
+    plain = Engine(base_model, EngineConfig(max_rank=8, prefix_cache_mb=0))
+    plain.create_adapter(rank=4, seed=3, adapter_id=adapter.adapter_id)
+    plain.set_adapter_state(adapter.adapter_id, weights, None, 0)
+    plain_sid = plain.publish(adapter.adapter_id).snapshot_id
+    plain_jobs = [dataclasses.replace(job, snapshot_id=plain_sid if job.snapshot_id == sid else "base") for job in jobs]
+    batched = plain.sample(plain_jobs)  # together, in one forward (no prefix cache: nothing known)
+    assert plain.metrics()["sampling"]["one_pass_requests"] == 3
+    for job, result, together in zip(plain_jobs, got, batched, strict=True):
+        scored = plain.logprobs([LogprobsRequest(job.snapshot_id, job.prompt)])[0]
+        np.testing.assert_array_equal(result.prompt_logprobs, scored)
+        np.testing.assert_allclose(together.prompt_logprobs, scored, atol=2e-5)
+        assert [s.tokens for s in together.sequences] == [s.tokens for s in result.sequences]
+        (alone,) = plain.sample([dataclasses.replace(job, prompt_logprobs=False)])
+        assert [s.tokens for s in result.sequences] == [s.tokens for s in alone.sequences]
+        assert [s.stop_reason for s in result.sequences] == [s.stop_reason for s in alone.sequences]
+        for a, b in zip(result.sequences, alone.sequences, strict=True):
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5)
+    # another completion of the second prompt: the decode loop, on the cached prompt
+    before = engine.metrics()["logprobs"]["computed_tokens"]
+    completion = rng.integers(3, VOCAB, 5).astype(np.int32)
+    (extended,) = engine.sample([dataclasses.replace(jobs[1], prompt=np.concatenate([prompts[1], completion]))])
+    assert engine.metrics()["logprobs"]["computed_tokens"] - before == len(completion) + 1
+    assert extended.cached_prompt_tokens == len(prompts[1])
+
+
 # ---------------------------------------------------------------------------------- packed training
 def test_packed_rows_and_batched_optim_steps_equal_the_plain_ones(base_model):
     """Short sequences of several adapters packed into shared rows give the same logprobs, losses,

@@ -55,6 +55,7 @@ from framework.losses import LOSSES
 from framework.optim import AdamHyperparams, init_opt_state
 from lora import ALL_TARGETS, DEFAULT_ALPHA, LoraBank, LoraWeights, empty_bank, init_adapter
 from models import Transformer, load_checkpoint, read_config
+from models.kv_cache import KVCache
 
 
 class Engine:
@@ -97,7 +98,9 @@ class Engine:
                                   min_prefill_tokens=self._by_backend(self.config.min_prefill_tokens, 128),
                                   min_capacity=self.config.min_seq_bucket, prompt_extras=self._prompt_extras,
                                   compile_counts=self.compile_counts,
-                                  continuous=self.config.continuous_batching, prefill_once=self.config.prefill_once)
+                                  continuous=self.config.continuous_batching, prefill_once=self.config.prefill_once,
+                                  forward_with_cache=self._forward_with_cache,
+                                  one_pass_tokens=self.config.max_batch_tokens)
         self.scorer = PrefixScorer(graphdef=self._graphdef, base=self._base, model_config=self.model_config,
                                    dtype=self._dtype, prefix_cache=self.prefix_cache, placement=self.placement,
                                    compile_counts=self.compile_counts, min_capacity=self.config.min_seq_bucket,
@@ -408,12 +411,26 @@ class Engine:
 
     def _forward_logprobs(self, requests: Sequence[LogprobsRequest], group: dict[str, int], weights: tuple,
                           scales: np.ndarray) -> list[np.ndarray]:
-        flat = [(group[r.snapshot_id],
-                 DatumArrays(r.tokens, {"target_tokens": np.append(r.tokens[1:], 0).astype(np.int32),
-                                        "weights": np.zeros(len(r.tokens), np.float32)}), {}) for r in requests]
+        flat = [(group[r.snapshot_id], _scored(r.tokens), {}) for r in requests]
         logprobs, _, _ = self._run_forward("cross_entropy", weights, scales, flat, backward=False)
         return [np.concatenate([[np.nan], lp[: len(r.tokens) - 1]]).astype(np.float32)
                 for lp, r in zip(logprobs, requests, strict=True)]
+
+    def _forward_with_cache(self, jobs: Sequence[SampleJob]) -> tuple[list[np.ndarray], jax.Array, KVCache]:
+        """The prompts of `jobs` through the training forward, one row each: their logprobs (for a prompt
+        alone, exactly what `logprobs` computes for it when the cache knows nothing of it), last logits and
+        keys/values."""
+        group, weights, scales = self._snapshot_args([j.snapshot_id for j in jobs])
+        batch = layout([group[j.snapshot_id] for j in jobs], [_scored(j.prompt) for j in jobs], [{}] * len(jobs),
+                       LOSSES["cross_entropy"].input_keys, min_bucket=self.config.min_seq_bucket, pack=False)
+        last = np.zeros(batch.tokens.shape[0], np.int32)
+        last[: len(jobs)] = [len(j.prompt) - 1 for j in jobs]
+        arrays, last = self.placement.batch((batch_arrays(batch), last))
+        logprobs, last_logits, cache = self._steps.forward_with_cache(self._base, weights, scales, arrays, last)
+        logprobs = np.asarray(logprobs)
+        self._cold_tokens += sum(len(j.prompt) for j in jobs)
+        return ([np.concatenate([[np.nan], logprobs[i, : len(j.prompt) - 1]]).astype(np.float32)
+                 for i, j in enumerate(jobs)], last_logits, cache)
 
     def topk(self, requests: Sequence[LogprobsRequest], k: int) -> list[TopK]:
         """The k most likely tokens at each position t ≥ 1 of each request, given tokens_<t; row 0
@@ -497,6 +514,7 @@ class Engine:
             "sampling": {"waiting": dec.waiting, "active_rows": dec.active_rows, "chunks": dec.stats["chunks"],
                          "tokens": dec.stats["tokens"], "prefill_tokens": dec.stats["prefill_tokens"],
                          "cached_prompt_tokens": dec.stats["cached_prompt_tokens"],
+                         "one_pass_requests": dec.stats["one_pass_requests"],
                          "batch_fill": dec.stats["active_rows"] / max(dec.stats["pool_rows"], 1),
                          "queue_wait_seconds": dec.queue_wait_seconds, "seconds": self._seconds["sample"],
                          "tokens_per_s": dec.stats["tokens"] / max(self._seconds["sample"], 1e-9)},
@@ -508,6 +526,12 @@ class Engine:
                          "tokens_per_s": self._stats["tokens"] / max(self._seconds["forward"]
                                                                      + self._seconds["forward_backward"], 1e-9)},
         }
+
+
+def _scored(tokens: np.ndarray) -> DatumArrays:
+    """`tokens` as a datum whose logprobs are wanted (each position's target is the next token)."""
+    return DatumArrays(tokens, {"target_tokens": np.append(tokens[1:], 0).astype(np.int32),
+                                "weights": np.zeros(len(tokens), np.float32)})
 
 
 def _all_finite(batch: Batch, logprobs: np.ndarray, loss: np.ndarray, grads_finite: np.ndarray | None) -> bool:

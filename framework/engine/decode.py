@@ -21,6 +21,8 @@ steps in one compiled loop:
   prompt + completion go to the prefix cache for the next turn.
 
 Nothing here blocks: `step` is called by the scheduler's worker between training batches.
+A one-token request for its prompt's logprobs (the SDK's `compute_logprobs`) whose prompt the prefix
+cache knows nothing of skips the pool: one training forward serves it (`one_pass`).
 Requests whose snapshot has no free sampler slot, or that find the pool full, wait in FIFO order.
 A request with more samples than pool rows is admitted a few samples at a time.
 """
@@ -42,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from framework.engine.one_pass import ForwardWithCache, OnePass, eligible
 from framework.engine.placement import Placement
 from framework.engine.pool_rows import PoolRows, Running
 from framework.engine.prefix_cache import PrefixCache, extract_entry, place_entry
@@ -63,7 +66,8 @@ class DecodeLoop:
                  min_prefill_tokens: int = 1,
                  prompt_extras: Callable[[SampleJob], tuple[np.ndarray | None, TopK | None]],
                  compile_counts: collections.Counter[str], placement: Placement, continuous: bool = True,
-                 prefill_once: bool = True):
+                 prefill_once: bool = True, forward_with_cache: ForwardWithCache | None = None,
+                 one_pass_tokens: int = 2048):
         self._graphdef, self._base = graphdef, base
         self._placement = placement
         self._config, self._dtype = model_config, dtype
@@ -99,6 +103,10 @@ class DecodeLoop:
                                    donate_argnames=("cache",))
         self.extract_entry = jax.jit(lambda cache, row, length: placement.constrain_prefix_entry(
             extract_entry(cache, row, length=length)), static_argnames=("length",))
+        # One-token requests for prompt logprobs (the SDK's compute_logprobs), in one training forward each.
+        self._one_pass = (None if forward_with_cache is None
+                          else OnePass(forward_with_cache, prefix_cache, self.extract_entry))
+        self._one_pass_tokens = one_pass_tokens
 
     # ------------------------------------------------------------------------------- interface
     def submit(self, job: SampleJob, snapshot: Snapshot, future: Future) -> None:
@@ -130,6 +138,7 @@ class DecodeLoop:
         """Admit what fits, then decode one chunk; resolves the futures of finished requests."""
         self.collect()
         try:
+            self._serve_one_pass()
             self._admit_waiting()
             if self._rows.active.any():
                 self._ensure_pool(self.active_rows, 0, 0)  # shrinks the pool to the rows still decoding
@@ -147,6 +156,40 @@ class DecodeLoop:
             self._settle(running, error=error)
 
     # ------------------------------------------------------------------------------- admission
+    def _serve_one_pass(self) -> None:
+        """Serve waiting one-token requests for prompt logprobs (`one_pass`) whose prompts the prefix cache
+        knows nothing of, up to `one_pass_tokens` prompt tokens, without the pool."""
+        if self._one_pass is None:
+            return
+        with self._lock:
+            candidates = [r for r in self._waiting if not r.started and eligible(r.job)]
+        chosen: list[Running] = []
+        tokens = 0
+        for running in candidates:
+            if chosen and tokens + len(running.job.prompt) > self._one_pass_tokens:
+                break
+            if self._one_pass.knows(running.job):
+                continue
+            self._remove_waiting(running)
+            if not running.future.set_running_or_notify_cancel():
+                self._settle(running)
+                continue
+            running.started = True
+            chosen.append(running)
+            tokens += len(running.job.prompt)
+        if not chosen:
+            return
+        try:
+            served = self._one_pass.run([r.job for r in chosen])
+        except Exception as error:
+            for running in chosen:
+                self._settle(running, error=error)
+            return
+        self.stats["one_pass_requests"] += len(chosen)
+        for running, (prompt_logprobs, rows) in zip(chosen, served, strict=True):
+            self.queue_wait_seconds += time.perf_counter() - running.submitted
+            self._settle(running, result=SampleResult(rows, prompt_logprobs, running.snapshot.version))
+
     def _admit_waiting(self) -> None:
         if not self._continuous and self._rows.active.any():
             return  # batch-synchronous: a batch runs until its longest row is done

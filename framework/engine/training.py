@@ -1,5 +1,6 @@
-"""The compiled training steps: forward (logprobs + loss), forward/backward (+ gradients), a custom
-loss's forward/backward, and AdamW over several adapters at once.
+"""The compiled training steps: forward (logprobs + loss; or logprobs, last logits and keys/values for a
+prompt to sample after), forward/backward (+ gradients), a custom loss's forward/backward, and AdamW
+over several adapters at once.
 
 Adapters come in as a tuple of G weight pytrees (one per adapter the batch uses, padded to a power of
 two with a shared all-zero adapter of scale 0) and are stacked inside the step, so a step's cost and
@@ -31,6 +32,8 @@ from framework.losses import LOSSES
 from framework.optim import adamw_step
 from lora import LoraBank, LoraWeights
 from models import token_logprobs
+from models.kv_cache import KVCache
+from models.transformer import causal_attention
 
 
 def stack_adapters(adapters: Sequence[LoraWeights]) -> LoraWeights:
@@ -67,6 +70,7 @@ class TrainingSteps:
         self.forward = jax.jit(self._forward_impl, static_argnames=("loss_name", "num_datums"))
         self.forward_backward = jax.jit(self._forward_backward_impl, static_argnames=("loss_name", "num_datums"))
         self.optim = jax.jit(self._optim_impl)
+        self.forward_with_cache = jax.jit(self._forward_with_cache_impl)
         self.accumulate = jax.jit(lambda acc, g: placement.constrain_adapter(jax.tree.map(jnp.add, acc, g)))
         self._custom: collections.OrderedDict[Any, Any] = collections.OrderedDict()
         self._custom_seen: collections.OrderedDict[Any, int] = collections.OrderedDict()
@@ -112,6 +116,30 @@ class TrainingSteps:
         # gradient is finite.
         finite = None if batch_arrays["groups"].ndim == 1 else jnp.stack([_all_finite(g) for g in grads])
         return tuple(map(self._placement.constrain_adapter, grads)), logprobs, loss, metrics, finite
+
+    def _forward_with_cache_impl(self, base, adapters, scales, batch_arrays, last):
+        """The forward's logprobs of unpacked rows, plus what sampling after them needs: each row's logits at
+        position `last [B]` and the keys/values of every position (a `KVCache` of capacity T). The same
+        operations as `forward`, so the same logprobs; keys/values are recorded on the way."""
+        self.compile_counts["forward_with_cache"] += 1
+        model = nnx.merge(self._graphdef, base)
+        hook = self._placement.hook(LoraBank(stack_adapters(adapters), scales), batch_arrays["groups"])
+        keys: list[jax.Array] = []
+        values: list[jax.Array] = []
+        attend = self._attend or causal_attention
+
+        def recording(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+            keys.append(k.transpose(0, 2, 1, 3))  # the cache's head-major [B, K, T, H]
+            values.append(v.transpose(0, 2, 1, 3))
+            return attend(q, k, v)
+
+        hidden = model.hidden_states(batch_arrays["tokens"], batch_arrays["positions"], hook=hook,
+                                     attend_fns=[recording] * model.config.num_layers)
+        logits = model.logits(hidden, hook=hook)
+        logprobs = token_logprobs(logits, batch_arrays["inputs"]["target_tokens"])
+        last_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+        cache = KVCache(tuple(keys), tuple(values), last + 1)
+        return logprobs, self._placement.constrain_rows(last_logits), self._placement.constrain_cache(cache)
 
     # ---------------------------------------------------------------------------------- custom loss
     def custom_step(self, loss: Any, out_tree: Any, lengths: tuple[int, ...]) -> Any:

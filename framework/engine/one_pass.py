@@ -1,0 +1,96 @@
+"""One-token samples that ask for their prompt's logprobs, served by one forward pass.
+
+The official SDK's `compute_logprobs` is such a request: `sample(prompt, max_tokens=1,
+include_prompt_logprobs=True)`. Through the decode loop it costs two passes over a prompt the prefix
+cache knows nothing of: a prefill (keys/values, and the logits the one token is drawn from), then the
+training forward for the prompt's logprobs (so they equal a training step's exactly). Here the
+training forward does both: it records every position's keys/values on the way
+(`TrainingSteps.forward_with_cache`) and keeps the last position's logits. The token is drawn from
+those logits as the decode loop draws a sequence's first token (`sampling.choose_tokens` with the
+sample's key, draw 0), and the prompt's keys/values and logprobs go to the prefix cache, so a later
+request that extends the prompt (another completion of the same context) computes only its own tokens.
+
+Requests that want top-k logprobs, stop strings or more than one token, and prompts the prefix cache
+already knows something of (the decode loop then computes less), go through the decode loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from framework.engine.prefix_cache import PrefixCache
+from framework.engine.requests import SampledRow, SampleJob
+from framework.engine.shapes import bucket
+from framework.sampling import RowParams, choose_tokens, sample_keys
+from models.kv_cache import KVCache
+
+ForwardWithCache = Callable[[Sequence[SampleJob]], tuple[list[np.ndarray], jax.Array, KVCache]]
+"""`jobs -> (prompt logprobs per job (NaN first), last-position logits [B, V], keys/values [B rows])`."""
+
+
+def eligible(job: SampleJob) -> bool:
+    """Whether `job` is a one-token sample asking for its prompt's logprobs and nothing this path lacks."""
+    return (job.prompt_logprobs and job.max_tokens == 1 and not job.topk_prompt and not job.topk_sample
+            and not job.stop_strings)
+
+
+def _first_draw(last_logits: jax.Array, index: jax.Array, key_data: jax.Array, temperature: jax.Array,
+                top_p: jax.Array, top_k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The first token of each sample (of prompt `index[r]`) and its logprob, as the decode loop draws it."""
+    logits = last_logits[index]
+    rows = logits.shape[0]
+    params = RowParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=jnp.ones((rows,), jnp.int32),
+                       keys=jax.random.wrap_key_data(key_data), stop_tokens=jnp.full((rows, 1), -1, jnp.int32))
+    token = choose_tokens(logits, params, jnp.int32(0))
+    logprob = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+    return token, logprob
+
+
+class OnePass:
+    """Serves `eligible` requests (worker thread only)."""
+
+    def __init__(self, forward_with_cache: ForwardWithCache, prefix_cache: PrefixCache,
+                 extract_entry: Callable[..., jax.Array]):
+        self._forward = forward_with_cache
+        self._prefix = prefix_cache
+        self._extract_entry = extract_entry
+        self._draw = jax.jit(_first_draw)
+
+    def knows(self, job: SampleJob) -> bool:
+        """Whether the prefix cache holds part of the prompt (the decode loop then computes less)."""
+        entry, _ = self._prefix.lookup(job.snapshot_id, job.prompt, max_shared=len(job.prompt) - 1, count=False)
+        return entry is not None
+
+    def run(self, jobs: Sequence[SampleJob]) -> list[tuple[np.ndarray, list[SampledRow]]]:
+        """Each job's prompt logprobs and sampled rows; the prompts go to the prefix cache."""
+        logprobs, last_logits, cache = self._forward(jobs)
+        rows = [(i, s) for i, job in enumerate(jobs) for s in range(job.num_samples)]
+        n = bucket(len(rows))
+        index, key_data = np.zeros(n, np.int32), np.zeros((n, 2), np.uint32)
+        temperature, top_p, top_k = np.zeros(n, np.float32), np.ones(n, np.float32), np.zeros(n, np.int32)
+        keys = [np.asarray(jax.random.key_data(sample_keys(job.seed, job.num_samples))) for job in jobs]
+        for r, (i, s) in enumerate(rows):
+            job = jobs[i]
+            index[r], key_data[r] = i, keys[i][s]
+            temperature[r], top_p[r], top_k[r] = job.temperature, job.top_p, job.top_k
+        tokens, token_logprobs = self._draw(last_logits, index, key_data, temperature, top_p, top_k)
+        tokens, token_logprobs = np.asarray(tokens), np.asarray(token_logprobs)
+        out: list[tuple[np.ndarray, list[SampledRow]]] = [(lp, []) for lp in logprobs]
+        for r, (i, _) in enumerate(rows):
+            token = int(tokens[r])
+            out[i][1].append(SampledRow([token], [float(token_logprobs[r])],
+                                        "stop" if token in jobs[i].stop_tokens else "length"))
+        if self._prefix.enabled:
+            for i, job in enumerate(jobs):
+                if self._prefix.covering(job.snapshot_id, job.prompt) is None:
+                    length = min(bucket(len(job.prompt), 16), cache.capacity)
+                    self._prefix.insert(job.snapshot_id, job.prompt,
+                                        self._extract_entry(cache, jnp.int32(i), length=length), logprobs[i])
+        return out
+
+
+__all__ = ["OnePass", "eligible"]
