@@ -94,6 +94,12 @@ def workload(engine: Engine) -> dict[str, Any]:
     results = engine.sample(jobs)
     out["sample_tokens"] = [row.tokens for r in results for row in r.sequences]
     out["sample_logprobs"] = [np.asarray(row.logprobs, np.float32) for r in results for row in r.sequences]
+    # the SDK's compute_logprobs (a one-token sample asking for prompt logprobs): one training forward
+    (one_pass,) = engine.sample([SampleJob(snapshot_id=snapshot, prompt=rng.integers(3, vocab, 14).astype(np.int32),
+                                           num_samples=1, max_tokens=1, temperature=0.0, top_p=1.0, top_k=0, seed=0,
+                                           prompt_logprobs=True)])
+    out["one_pass_logprobs"] = one_pass.prompt_logprobs[1:]
+    out["one_pass_requests"] = engine.metrics()["sampling"]["one_pass_requests"]
     # compute_logprobs of a sampled sequence and of a new one: through the prefix cache's rows
     sampled = np.concatenate([jobs[0].prompt, np.asarray(results[0].sequences[0].tokens, np.int32)])
     scored = engine.logprobs([LogprobsRequest(snapshot, sampled),
@@ -128,7 +134,7 @@ def main(out_path: str, checkpoint: str) -> None:
     report: dict[str, Any] = {"reference": {"recompiles": reference["recompiles"], "placement": reference["placement"],
                                             "mixed_batches": reference["mixed_batches"]}, "meshes": {}}
     numeric = [k for k in reference if k not in ("recompiles", "placement", "sample_tokens", "paged_out",
-                                                 "paged_forward_diff", "mixed_batches")]
+                                                 "paged_forward_diff", "mixed_batches", "one_pass_requests")]
     for name, mesh in MESHES.items():
         config = EngineConfig(**base_config) if mesh is None else EngineConfig(**base_config, mesh=mesh)
         got = workload(Engine(checkpoint, config))
@@ -137,7 +143,7 @@ def main(out_path: str, checkpoint: str) -> None:
             "sample_tokens_equal": got["sample_tokens"] == reference["sample_tokens"],
             "recompiles": got["recompiles"], "placement": got["placement"],
             "paged_out": got["paged_out"], "paged_forward_diff": got["paged_forward_diff"],
-            "mixed_batches": got["mixed_batches"],
+            "mixed_batches": got["mixed_batches"], "one_pass_requests": got["one_pass_requests"],
         }
         print(name, json.dumps(report["meshes"][name]["placement"]), file=sys.stderr, flush=True)
     with open(out_path, "w") as f:

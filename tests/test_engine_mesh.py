@@ -51,6 +51,7 @@ def test_engine_on_a_mesh_equals_one_device(report, mesh):
     assert set(row["diffs"]) >= {"fb0_logprobs", "fb0_loss", "mixed0_logprobs", "grads0", "weights0", "fb1_loss",
                                  "grads1", "weights1", "forward_logprobs", "sample_logprobs", "scored_logprobs"}
     assert row["mixed_batches"] == report["reference"]["mixed_batches"] == 2  # a row of both adapters, each round
+    assert row["one_pass_requests"] == 1 and "one_pass_logprobs" in row["diffs"]
     for key, (diff, scale) in row["diffs"].items():
         assert scale > 0, f"{key}: the reference is all zero, the comparison proves nothing"
         assert diff <= TOL * max(1.0, scale), f"{key}: max |mesh - one device| = {diff:.3g} (scale {scale:.3g})"
