@@ -558,6 +558,37 @@ def test_a_one_token_sample_for_prompt_logprobs_takes_one_forward_pass(base_mode
     assert extended.cached_prompt_tokens == len(prompts[1])
 
 
+def test_one_pass_requests_sharing_a_context_compute_it_once_and_fall_back_on_failure(base_model):
+    """Two completions of one context asked at once: the first takes the one forward pass, the second
+    waits a step and extends its cached context. A one-pass forward that fails hands its requests to the
+    decode loop, which serves them."""
+    engine = Engine(base_model, EngineConfig(max_rank=8))
+    rng = np.random.default_rng(10)
+    context = rng.integers(3, VOCAB, 30).astype(np.int32)
+    jobs = [SampleJob(snapshot_id="base", prompt=np.concatenate([context, rng.integers(3, VOCAB, 6).astype(np.int32)]),
+                      num_samples=1, max_tokens=1, temperature=0.0, top_p=1.0, top_k=-1, seed=0, prompt_logprobs=True)
+            for _ in range(2)]
+    got = engine.sample(jobs)
+    assert engine.metrics()["sampling"]["one_pass_requests"] == 1
+    assert engine.metrics()["logprobs"]["computed_tokens"] == len(jobs[0].prompt) + 6 + 1
+    assert got[1].cached_prompt_tokens == len(context)
+    expected = [engine.logprobs([LogprobsRequest("base", j.prompt)])[0] for j in jobs]  # from the cache now
+    for result, want in zip(got, expected, strict=True):
+        np.testing.assert_allclose(result.prompt_logprobs, want, atol=2e-5)
+
+    def failing(jobs):
+        raise RuntimeError("injected one-pass failure")
+
+    engine.decoder._one_pass._forward = failing
+    fresh = dataclasses.replace(jobs[0], prompt=rng.integers(3, VOCAB, 20).astype(np.int32))
+    (result,) = engine.sample([fresh])
+    assert engine.metrics()["sampling"]["one_pass_requests"] == 1  # served by the decode loop
+    np.testing.assert_allclose(result.prompt_logprobs,
+                               Engine(base_model, EngineConfig(max_rank=8, prefix_cache_mb=0)).logprobs(
+                                   [LogprobsRequest("base", fresh.prompt)])[0], atol=2e-5)
+    assert len(result.sequences[0].tokens) == 1
+
+
 # ---------------------------------------------------------------------------------- packed training
 def test_packed_rows_and_batched_optim_steps_equal_the_plain_ones(base_model):
     """Short sequences of several adapters packed into shared rows give the same logprobs, losses,

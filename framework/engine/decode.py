@@ -47,7 +47,7 @@ from flax import nnx
 from framework.engine.one_pass import ForwardWithCache, OnePass, eligible
 from framework.engine.placement import Placement
 from framework.engine.pool_rows import PoolRows, Running
-from framework.engine.prefix_cache import PrefixCache, extract_entry, place_entry
+from framework.engine.prefix_cache import MIN_SHARED, PrefixCache, extract_entry, place_entry, shared_prefix
 from framework.engine.requests import SampledRow, SampleJob, SampleResult, TopK
 from framework.engine.shapes import bucket
 from framework.engine.snapshots import NoFreeSlot, Snapshot, SnapshotRegistry
@@ -105,7 +105,7 @@ class DecodeLoop:
             extract_entry(cache, row, length=length)), static_argnames=("length",))
         # One-token requests for prompt logprobs (the SDK's compute_logprobs), in one training forward each.
         self._one_pass = (None if forward_with_cache is None
-                          else OnePass(forward_with_cache, prefix_cache, self.extract_entry))
+                          else OnePass(forward_with_cache, prefix_cache, self.extract_entry, min_capacity))
         self._one_pass_tokens = one_pass_tokens
 
     # ------------------------------------------------------------------------------- interface
@@ -158,36 +158,39 @@ class DecodeLoop:
     # ------------------------------------------------------------------------------- admission
     def _serve_one_pass(self) -> None:
         """Serve waiting one-token requests for prompt logprobs (`one_pass`) whose prompts the prefix cache
-        knows nothing of, up to `one_pass_tokens` prompt tokens, without the pool."""
+        knows nothing of, without the pool, up to `one_pass_tokens` padded positions in one forward. A prompt
+        sharing a prefix with one chosen now waits a step (it then extends that one's cache entry). If the
+        forward fails, its requests go through the decode loop instead."""
         if self._one_pass is None:
             return
         with self._lock:
-            candidates = [r for r in self._waiting if not r.started and eligible(r.job)]
+            candidates = [r for r in self._waiting
+                          if not r.started and eligible(r.job) and r.job.num_samples <= self.max_rows]
         chosen: list[Running] = []
-        tokens = 0
-        for running in candidates:
-            if chosen and tokens + len(running.job.prompt) > self._one_pass_tokens:
-                break
-            if self._one_pass.knows(running.job):
-                continue
-            self._remove_waiting(running)
-            if not running.future.set_running_or_notify_cancel():
-                self._settle(running)
-                continue
-            running.started = True
-            chosen.append(running)
-            tokens += len(running.job.prompt)
-        if not chosen:
-            return
         try:
-            served = self._one_pass.run([r.job for r in chosen])
-        except Exception as error:
-            for running in chosen:
-                self._settle(running, error=error)
+            for running in candidates:
+                job = running.job
+                if chosen and self._one_pass.positions([r.job for r in chosen] + [job]) > self._one_pass_tokens:
+                    break
+                if self._prefix.knows(job.snapshot_id, job.prompt) or any(
+                        r.job.snapshot_id == job.snapshot_id and shared_prefix(r.job.prompt, job.prompt) >= MIN_SHARED
+                        for r in chosen):
+                    continue
+                self._remove_waiting(running)
+                if not running.future.set_running_or_notify_cancel():
+                    self._settle(running)
+                    continue
+                running.started = True
+                self.queue_wait_seconds += time.perf_counter() - running.submitted
+                chosen.append(running)
+            served = self._one_pass.run([r.job for r in chosen]) if chosen else []
+        except Exception:
+            logger.exception("one-pass scoring failed; the decode loop serves its requests")
+            with self._lock:
+                self._waiting.extendleft(reversed(chosen))
             return
         self.stats["one_pass_requests"] += len(chosen)
         for running, (prompt_logprobs, rows) in zip(chosen, served, strict=True):
-            self.queue_wait_seconds += time.perf_counter() - running.submitted
             self._settle(running, result=SampleResult(rows, prompt_logprobs, running.snapshot.version))
 
     def _admit_waiting(self) -> None:

@@ -10,12 +10,15 @@ those logits as the decode loop draws a sequence's first token (`sampling.choose
 sample's key, draw 0), and the prompt's keys/values and logprobs go to the prefix cache, so a later
 request that extends the prompt (another completion of the same context) computes only its own tokens.
 
-Requests that want top-k logprobs, stop strings or more than one token, and prompts the prefix cache
-already knows something of (the decode loop then computes less), go through the decode loop.
+Requests that want top-k logprobs, stop strings, more than one token or more samples than the decode
+pool's rows, and prompts the prefix cache already knows something of (the decode loop then computes
+less), go through the decode loop. Prompt logprobs equal `Engine.logprobs`'s exactly for a prompt
+alone; prompts batched together (padded to one row length) agree to float rounding.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import jax
@@ -24,9 +27,11 @@ import numpy as np
 
 from framework.engine.prefix_cache import PrefixCache
 from framework.engine.requests import SampledRow, SampleJob
-from framework.engine.shapes import bucket
+from framework.engine.shapes import bucket, length_bucket
 from framework.sampling import RowParams, choose_tokens, sample_keys
 from models.kv_cache import KVCache
+
+logger = logging.getLogger(__name__)
 
 ForwardWithCache = Callable[[Sequence[SampleJob]], tuple[list[np.ndarray], jax.Array, KVCache]]
 """`jobs -> (prompt logprobs per job (NaN first), last-position logits [B, V], keys/values [B rows])`."""
@@ -54,16 +59,17 @@ class OnePass:
     """Serves `eligible` requests (worker thread only)."""
 
     def __init__(self, forward_with_cache: ForwardWithCache, prefix_cache: PrefixCache,
-                 extract_entry: Callable[..., jax.Array]):
+                 extract_entry: Callable[..., jax.Array], min_length: int):
         self._forward = forward_with_cache
         self._prefix = prefix_cache
         self._extract_entry = extract_entry
+        self._min_length = min_length
         self._draw = jax.jit(_first_draw)
 
-    def knows(self, job: SampleJob) -> bool:
-        """Whether the prefix cache holds part of the prompt (the decode loop then computes less)."""
-        entry, _ = self._prefix.lookup(job.snapshot_id, job.prompt, max_shared=len(job.prompt) - 1, count=False)
-        return entry is not None
+    def positions(self, jobs: Sequence[SampleJob]) -> int:
+        """Token positions the forward of `jobs` computes (rows and length rounded up as the engine lays
+        them out: one prompt per row)."""
+        return bucket(len(jobs)) * length_bucket(max(len(j.prompt) for j in jobs), self._min_length)
 
     def run(self, jobs: Sequence[SampleJob]) -> list[tuple[np.ndarray, list[SampledRow]]]:
         """Each job's prompt logprobs and sampled rows; the prompts go to the prefix cache."""
@@ -84,13 +90,20 @@ class OnePass:
             token = int(tokens[r])
             out[i][1].append(SampledRow([token], [float(token_logprobs[r])],
                                         "stop" if token in jobs[i].stop_tokens else "length"))
-        if self._prefix.enabled:
-            for i, job in enumerate(jobs):
-                if self._prefix.covering(job.snapshot_id, job.prompt) is None:
-                    length = min(bucket(len(job.prompt), 16), cache.capacity)
-                    self._prefix.insert(job.snapshot_id, job.prompt,
-                                        self._extract_entry(cache, jnp.int32(i), length=length), logprobs[i])
+        try:
+            self._cache_prompts(jobs, logprobs, cache)
+        except Exception:  # the results stand; only the cache misses them
+            logger.exception("caching one-pass prompts failed")
         return out
+
+    def _cache_prompts(self, jobs: Sequence[SampleJob], logprobs: list[np.ndarray], cache: KVCache) -> None:
+        if not self._prefix.enabled:
+            return
+        for i, job in enumerate(jobs):
+            if self._prefix.covering(job.snapshot_id, job.prompt) is None:
+                length = min(bucket(len(job.prompt), 16), cache.capacity)
+                entry = self._extract_entry(cache, jnp.int32(i), length=length)
+                self._prefix.insert(job.snapshot_id, job.prompt, entry, logprobs[i])
 
 
 __all__ = ["OnePass", "eligible"]

@@ -96,6 +96,11 @@ class PrefixCache:
             self.count_reused(best_len)
         return self._entries[best], best_len
 
+    def knows(self, snapshot_id: str, tokens: np.ndarray) -> bool:
+        """Whether `lookup` would find an entry for `tokens` (without counting a lookup or touching the LRU)."""
+        return any(min(shared_prefix(self._entries[key].tokens, tokens), len(tokens) - 1) >= MIN_SHARED
+                   for key in self._by_snapshot.get(snapshot_id, ()))
+
     def count_reused(self, tokens: int) -> None:
         if tokens > 0:
             self.hits += 1
