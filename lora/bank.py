@@ -18,6 +18,7 @@ maximum rank, `scale[s] = alpha / rank` of the adapter in slot s (0 for an empty
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable
 
 import jax
@@ -56,6 +57,15 @@ def target_shape(config: ModelConfig, target: str) -> tuple[int, int, int]:
         raise ValueError(f"unknown LoRA target {target!r}; targets: {', '.join(ALL_TARGETS)}")
     layers = 1 if target == UNEMBED_TARGET else config.num_layers
     return (layers, *dims[target])
+
+
+def lora_relative_flops(config: ModelConfig, targets: Iterable[str], rank: int) -> float:
+    """One adapter's low-rank products per token, as a fraction of the base model's linear layers' FLOPs."""
+    lora = sum(layers * rank * (d_in + d_out) for layers, d_in, d_out in map(
+        functools.partial(target_shape, config), targets))
+    base = sum(layers * d_in * d_out for layers, d_in, d_out in map(functools.partial(target_shape, config),
+                                                                     ALL_TARGETS))
+    return lora / base
 
 
 @jax.tree_util.register_dataclass
@@ -132,9 +142,8 @@ def make_hook(
     bank: LoraBank, slot_ids: jax.Array, *, one_hot: bool = False, compute_dtype: jnp.dtype | None = None,
     layout: Callable[[str, str, jax.Array], jax.Array] | None = None,
 ) -> LinearHook:
-    """A `LinearHook` adding each row's adapter: `slot_ids [B]` picks the slot of every batch row, or
-    `slot_ids [B, K]` the slot of each of a row's K equal chunks of tokens (rows that hold sequences of
-    several adapters, each sequence starting on a chunk; `T` divisible by K).
+    """A `LinearHook` adding each row's adapter: `slot_ids [B]` picks the slot of every batch row (with
+    `one_hot`, `slot_ids [B, T]` may pick each token's: rows holding several adapters' sequences).
 
     `compute_dtype` (default: the bank's dtype) is the dtype of the low-rank products. An fp32 bank
     (master weights, hence fp32 gradients and AdamW moments) under a bf16 model takes bf16 here, so
@@ -150,9 +159,11 @@ def make_hook(
       as `[d_in, S·R]` / `[S·R, d_out]`, and each projection runs two plain matmuls over all slots, a
       one-hot weight keeping each row's own slot: plain matmuls instead of per-row batched ones, at
       FLOPs that grow with the slots, so it pays for few slots (`ONE_HOT_MAX_SLOTS`). Build the hook
-      outside a decode loop, so the layout is done once per loop rather than once per step. Every slot
+      outside a decode loop, so the layout is done once per loop rather than once per step. The same
+      serves training rows that mix adapters, per token (no per-row copies of the weights). Every slot
       then touches every row (0 · NaN = NaN), so banks used this way must hold finite weights: the
-      engine refuses non-finite sampler snapshots.
+      engine refuses non-finite sampler snapshots, and reruns a mixed training batch unmixed when any
+      result is not finite.
     """
 
     def laid_out(target: str, key: str, w: jax.Array) -> jax.Array:
@@ -170,12 +181,8 @@ def make_hook(
         if target not in layers:
             return y
         li = 0 if layer == UNEMBED_LAYER else layer
-        a = laid_out(target, "a", layers[target][0][li])[slot_ids]  # [B, d_in, R] or [B, K, d_in, R]
-        b = laid_out(target, "b", layers[target][1][li])[slot_ids]  # [B, R, d_out] or [B, K, R, d_out]
-        if slot_ids.ndim == 2:  # K chunks per row, each its own slot
-            chunks = x.reshape(x.shape[0], slot_ids.shape[1], -1, x.shape[-1])  # [B, K, T/K, d_in]
-            h = jnp.einsum("bkci,bkir->bkcr", chunks.astype(a.dtype), a) * scales[:, :, None, None].astype(a.dtype)
-            return y + jnp.einsum("bkcr,bkro->bkco", h, b).reshape(y.shape).astype(y.dtype)
+        a = laid_out(target, "a", layers[target][0][li])[slot_ids]  # [B, d_in, R]
+        b = laid_out(target, "b", layers[target][1][li])[slot_ids]  # [B, R, d_out]
         h = jnp.einsum("b...i,bir->b...r", x.astype(a.dtype), a)
         h = h * scales.reshape((-1,) + (1,) * (h.ndim - 1)).astype(h.dtype)
         return y + jnp.einsum("b...r,bro->b...o", h, b).astype(y.dtype)
@@ -187,7 +194,7 @@ def _one_hot_hook(bank: LoraBank, slot_ids: jax.Array,
                   laid_out: Callable[[str, str, jax.Array], jax.Array]) -> LinearHook:
     """`make_hook(..., one_hot=True)`."""
     slots, rank = bank.num_slots, bank.max_rank
-    weight = jax.nn.one_hot(slot_ids, slots, dtype=jnp.float32) * bank.scales[None, :]  # [B, S]
+    weight = jax.nn.one_hot(slot_ids, slots, dtype=jnp.float32) * bank.scales  # [B, S] or per token [B, T, S]
     flat: dict[str, tuple[list[jax.Array], list[jax.Array]]] = {}
     for t, ab in bank.weights.items():
         a_layers = [laid_out(t, "a", a) for a in ab["a"]]  # [S, d_in, R] each
@@ -201,7 +208,7 @@ def _one_hot_hook(bank: LoraBank, slot_ids: jax.Array,
         li = 0 if layer == UNEMBED_LAYER else layer
         a, b = flat[target][0][li], flat[target][1][li]  # [d_in, S·R], [S·R, d_out]
         h = (x.astype(a.dtype) @ a).reshape(*x.shape[:-1], slots, rank)
-        h = h * weight.reshape(weight.shape[:1] + (1,) * (h.ndim - 3) + (slots, 1)).astype(h.dtype)
+        h = h * weight.reshape(weight.shape[:-1] + (1,) * (h.ndim - weight.ndim - 1) + (slots, 1)).astype(h.dtype)
         return y + (h.reshape(*x.shape[:-1], slots * rank) @ b).astype(y.dtype)
 
     return hook

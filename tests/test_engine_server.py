@@ -8,6 +8,7 @@ Tiny 2-layer tied qwen2 (vocab 301) throughout; sequences stay in the 32-token b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import threading
 import time
@@ -622,9 +623,9 @@ def test_packed_rows_and_batched_optim_steps_equal_the_plain_ones(base_model):
     assert packed.compile_counts["optim_step"] == 1  # the three adapters' steps in one call
 
 
-MIXED_LENGTHS = [(5, 9), (3,), (12,), (7, 6), (30,)]
-"""Five adapters' datums: one adapter per row takes 5 rows (8 with padding); rows of two 16-token chunks
-holding several adapters take 4."""
+MIXED_LENGTHS = [(3,), (4,), (2, 3), (5,), (30,)]
+"""Five adapters' datums: one adapter per row takes 5 rows (8 with padding); rows holding several
+adapters take 2 (30 | 3 + 4 + 2 + 3 + 5), cheaper even at 8 adapters' LoRA FLOPs per token."""
 
 
 def mixed_requests(seed: int = 8) -> list[tuple[str, object]]:
@@ -636,17 +637,20 @@ def mixed_requests(seed: int = 8) -> list[tuple[str, object]]:
 
 
 def test_rows_mixing_adapters_equal_one_adapter_per_row(base_model):
-    """Short sequences of several adapters sharing rows (each adapter's LoRA applied chunk by chunk) give
+    """Short sequences of several adapters sharing rows (each token keeping its own adapter's LoRA) give
     the same logprobs, losses and gradients as one adapter per row (here: one sequence per row, as
     packing each adapter's own would save no rows)."""
     from framework.engine.packing import layout
 
     requests = mixed_requests()
     flat = [(g, d) for g, (_, arrays) in enumerate(requests) for d in arrays]
-    batch = layout([g for g, _ in flat], [d for _, d in flat], [{}] * len(flat), ("target_tokens", "weights"),
-                   min_bucket=32, pack=True, mix=True)
-    assert batch.mixed and batch.tokens.shape == (4, 32) and batch.groups.shape == (4, 2)
-    assert all(s % 16 == 0 for _, s, _ in batch.placement)  # every datum starts on a chunk
+    lay = functools.partial(layout, [g for g, _ in flat], [d for _, d in flat], [{}] * len(flat),
+                            ("target_tokens", "weights"), min_bucket=32, pack=True)
+    batch = lay(mix_cost=0.25)  # 2 rows at 1 + 8 * 0.25 vs 8 rows at 1.25
+    assert batch.mixed and batch.tokens.shape == (2, 32) and batch.groups.shape == (2, 32)
+    for (g, _), (r, s, n) in zip(flat, batch.placement, strict=True):
+        assert (batch.groups[r, s: s + n] == g).all()
+    assert not lay(mix_cost=1.0).mixed and not lay(mix_cost=None).mixed  # 2 * (1 + 8) > 8 * 2
     outs, grads = [], []
     engines = [Engine(base_model, EngineConfig(max_rank=8, pack=True)),
                Engine(base_model, EngineConfig(max_rank=8, pack=True, pack_across_adapters=False))]
@@ -681,14 +685,18 @@ def test_a_diverged_adapter_never_leaks_into_the_rows_it_shares(base_model):
             engine.create_adapter(rank=4, seed=int(name[1:]), adapter_id=name)
     flat = [(g, d) for g, (_, arrays) in enumerate(requests) for d in arrays]
     placement = layout([g for g, _ in flat], [d for _, d in flat], [{}] * len(flat), ("target_tokens", "weights"),
-                       min_bucket=32, pack=True, mix=True).placement
-    assert placement[2][0] == placement[3][0]  # t1's datum and t2's share a row
+                       min_bucket=32, pack=True, mix_cost=mixed._lora_cost).placement
+    assert placement[1][0] == placement[3][0]  # t1's datum and t2's second share a row
     broken = mixed.adapters["t2"]
     broken.weights = jax.tree.map(lambda w: w * np.float32(np.inf), broken.weights)
     got = mixed.forward([ForwardRequest(n, a, "cross_entropy") for n, a in requests], backward=True)
     want = healthy.forward([ForwardRequest(n, a, "cross_entropy") for n, a in requests], backward=True)
     assert mixed.metrics()["training"]["unmixed_reruns"] == 1
     assert not np.isfinite(got[2].loss)
+    # t2 at these weights is remembered: its next batch is laid out unmixed at once (no second rerun)
+    mixed.forward([ForwardRequest(n, a, "cross_entropy") for n, a in requests], backward=False)
+    assert mixed.metrics()["training"]["unmixed_reruns"] == 1
+    assert mixed.metrics()["training"]["mixed_batches"] == 0  # (a rerun counts as the unmixed batch it ran)
     for i, (name, _) in enumerate(requests):
         if name == "t2":
             continue

@@ -53,7 +53,7 @@ from framework.engine.snapshots import BASE, Snapshot, SnapshotRegistry, require
 from framework.engine.training import TrainingSteps, batch_arrays, stack_adapters
 from framework.losses import LOSSES
 from framework.optim import AdamHyperparams, init_opt_state
-from lora import ALL_TARGETS, DEFAULT_ALPHA, LoraBank, LoraWeights, empty_bank, init_adapter
+from lora import ALL_TARGETS, DEFAULT_ALPHA, LoraBank, LoraWeights, empty_bank, init_adapter, lora_relative_flops
 from models import Transformer, load_checkpoint, read_config
 from models.kv_cache import KVCache
 
@@ -107,6 +107,9 @@ class Engine:
                                    token_budget=self.config.max_batch_tokens, place_entry=self.decoder.place_entry,
                                    extract_entry=self.decoder.extract_entry)
         self._cold_tokens = 0  # compute_logprobs tokens the cache knew nothing of (the training forward's)
+        # Rows mixing adapters cost G times one adapter's LoRA FLOPs per token (`packing.layout`); this is one's.
+        self._lora_cost = lora_relative_flops(self.model_config, self.config.targets, self.config.max_rank)
+        self._unmixable: dict[str, int] = {}  # adapter -> the version whose results came out non-finite
         self._topk = jax.jit(self._topk_impl, static_argnames=("k",))
         self._ids = itertools.count()
         self._stats: collections.Counter[str] = collections.Counter()
@@ -200,9 +203,11 @@ class Engine:
         if n > self.max_seq_len:
             raise ValueError(f"sequence length {n} exceeds the engine's max_seq_len {self.max_seq_len}")
         mix = self.config.pack_across_adapters if mix is None else mix
+        if any(self._unmixable.get(a.adapter_id) == a.version for a in adapters):
+            mix = False  # an adapter whose results were not finite at these weights: it would rerun every batch
         batch = layout([g for g, _, _ in flat], [d for _, d, _ in flat], [c for _, _, c in flat],
                        LOSSES[loss_name].input_keys, min_bucket=self.config.min_seq_bucket, pack=self.config.pack,
-                       mix=mix)
+                       mix_cost=self._lora_cost if mix else None)
         arrays = self.placement.batch(batch_arrays(batch))
         grads_finite = None
         if backward:
@@ -218,8 +223,11 @@ class Engine:
             # A non-finite value in a row shared by several adapters may have leaked into its neighbours
             # (`packing`): run the batch again with one adapter per row, where it cannot.
             self._stats["unmixed_reruns"] += 1
-            return self._run_forward(loss_name, weights, scales, flat, backward=backward, adapters=adapters,
-                                     mix=False)
+            out = self._run_forward(loss_name, weights, scales, flat, backward=backward, adapters=adapters, mix=False)
+            for (group, _, _), logprobs_i, loss_i in zip(flat, out[0], out[1], strict=False):
+                if group < len(adapters) and not (np.isfinite(logprobs_i).all() and np.isfinite(loss_i)):
+                    self._unmixable[adapters[group].adapter_id] = adapters[group].version
+            return out
         if backward:
             new = [grads[i] if a.grads is None else self._steps.accumulate(a.grads, grads[i])
                    for i, a in enumerate(adapters)]

@@ -10,8 +10,8 @@ back per adapter; the engine adds them to each adapter's own accumulator.
 Nothing is donated: a step that fails leaves every adapter's weights, moments and gradients as they
 were (the engine then retries each request alone, and no tenant's state is lost).
 
-Compiled once per (op, loss, G, rows, row length, datum count, packed, chunks per row) — all powers
-of two — and, for custom losses, per loss structure and lengths (an LRU of `custom_steps` programs).
+Compiled once per (op, loss, G, rows, row length, datum count, packed, mixed) — all powers of two —
+and, for custom losses, per loss structure and lengths (an LRU of `custom_steps` programs).
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ class TrainingSteps:
     # ------------------------------------------------------------------------------ built-in losses
     def _logprobs(self, base, adapters, scales, batch_arrays, remat: str = "none") -> jax.Array:
         model = nnx.merge(self._graphdef, base)
-        hook = self._placement.hook(LoraBank(stack_adapters(adapters), scales), batch_arrays["groups"])
+        groups = batch_arrays["groups"]  # per token when rows mix adapters: every adapter's products, one-hot
+        hook = self._placement.hook(LoraBank(stack_adapters(adapters), scales), groups, one_hot=groups.ndim == 2)
         segments = batch_arrays.get("segments")
         logits = model(batch_arrays["tokens"], batch_arrays["positions"], hook=hook, segment_ids=segments,
                        remat=remat, attention=self._attend if segments is None else None)
