@@ -428,6 +428,9 @@ class Engine:
         """The prompts of `jobs` through the training forward, one row each: their logprobs (for a prompt
         alone, exactly what `logprobs` computes for it when the cache knows nothing of it), last logits and
         keys/values."""
+        n = max(len(j.prompt) for j in jobs)
+        if n > self.max_seq_len:
+            raise ValueError(f"prompt length {n} exceeds the engine's max_seq_len {self.max_seq_len}")
         group, weights, scales = self._snapshot_args([j.snapshot_id for j in jobs])
         batch = layout([group[j.snapshot_id] for j in jobs], [_scored(j.prompt) for j in jobs], [{}] * len(jobs),
                        LOSSES["cross_entropy"].input_keys, min_bucket=self.config.min_seq_bucket, pack=False)
