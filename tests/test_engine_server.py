@@ -591,6 +591,16 @@ def test_one_pass_requests_sharing_a_context_compute_it_once_and_fall_back_on_fa
 
 
 # ---------------------------------------------------------------------------------- packed training
+def assert_same_training(outs: list, states: list) -> None:
+    """Two layouts' forward results (losses, logprobs) and adapter states (gradients, weights) agree."""
+    for a, b in zip(outs[0], outs[1], strict=True):
+        assert a.loss == pytest.approx(b.loss, rel=1e-6)
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            np.testing.assert_allclose(x, y, atol=1e-5)
+    for x, y in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-4)
+
+
 def test_packed_rows_and_batched_optim_steps_equal_the_plain_ones(base_model):
     """Short sequences of several adapters packed into shared rows give the same logprobs, losses,
     gradients and (after one batched optim step) weights as one row per sequence."""
@@ -614,12 +624,7 @@ def test_packed_rows_and_batched_optim_steps_equal_the_plain_ones(base_model):
         states[-1].append([jax.device_get(engine.adapters[n].weights) for n, _ in requests])
     assert packed.metrics()["training"]["packed_batches"] == 1 and plain.metrics()["training"]["packed_batches"] == 0
     assert packed.metrics()["training"]["padding_fraction"] < plain.metrics()["training"]["padding_fraction"]
-    for a, b in zip(outs[0], outs[1], strict=True):
-        assert a.loss == pytest.approx(b.loss, rel=1e-6)
-        for x, y in zip(a.logprobs, b.logprobs, strict=True):
-            np.testing.assert_allclose(x, y, atol=1e-5)
-    for x, y in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]), strict=True):
-        np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-4)
+    assert_same_training(outs, states)
     assert packed.compile_counts["optim_step"] == 1  # the three adapters' steps in one call
 
 
@@ -664,12 +669,7 @@ def test_rows_mixing_adapters_equal_one_adapter_per_row(base_model):
     assert engines[0].metrics()["training"]["unmixed_reruns"] == 0
     padding = [e.metrics()["training"]["padding_fraction"] for e in engines]
     assert padding[0] < padding[1]
-    for a, b in zip(outs[0], outs[1], strict=True):
-        assert a.loss == pytest.approx(b.loss, rel=1e-6)
-        for x, y in zip(a.logprobs, b.logprobs, strict=True):
-            np.testing.assert_allclose(x, y, atol=1e-5)
-    for x, y in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
-        np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-4)
+    assert_same_training(outs, grads)
 
 
 def test_a_diverged_adapter_never_leaks_into_the_rows_it_shares(base_model):
