@@ -6,9 +6,12 @@ It composes the parts, each in its own module:
 - `snapshots.SnapshotRegistry`: published sampler weights with reference counts, and the sampler
   bank that holds the ones being sampled;
 - `training.TrainingSteps` + `packing.layout`: forward, forward/backward, custom losses and AdamW,
-  compiled per shape bucket, with short sequences packed into shared rows;
+  compiled per shape bucket, with short sequences packed into shared rows (of one adapter or, when
+  cheaper, several);
 - `decode.DecodeLoop` + `prefix_cache.PrefixCache`: continuous batching for sampling, prompts
-  prefilled once per request and cached per snapshot.
+  prefilled once per request and cached per snapshot; `one_pass` serves the SDK's compute_logprobs
+  of a new prompt with one training forward;
+- `scoring.PrefixScorer`: compute_logprobs of sequences the prefix cache knows part of.
 
 Calls are synchronous and not thread-safe, except `submit_sample`: `framework.scheduler` runs
 everything on one worker thread. Inputs arrive validated (`framework.validation`); the engine
