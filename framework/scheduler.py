@@ -97,8 +97,9 @@ class Scheduler:
         self.errors = 0
         self.queue_wait_seconds = 0.0
         self.burst_waits = 0  # times an idle worker waited for the rest of a burst
-        # adapter -> batch key (None: a request that batches with nothing) -> when it last submitted one
-        self._last_seen: dict[str, dict[Hashable | None, float]] = {}
+        self._last_seen: dict[str, dict[Hashable, float]] = {}  # adapter -> batch key -> when it last submitted one
+        # adapter -> when it first submitted anything, or None once it has submitted a batchable request
+        self._first_seen: dict[str, float | None] = {}
         self._seen_after_prune = 64
         self._thread = threading.Thread(target=self._loop, name=f"{name}-scheduler", daemon=True)
         self._thread.start()
@@ -131,7 +132,10 @@ class Scheduler:
             if self._closed:
                 raise SchedulerClosed("the engine's scheduler is shut down")
             if adapter_id is not None and self.batch_window_s:
-                self._last_seen.setdefault(adapter_id, {})[batch_key] = request.submitted
+                self._first_seen.setdefault(adapter_id, request.submitted)
+                if batch_key is not None:
+                    self._last_seen.setdefault(adapter_id, {})[batch_key] = request.submitted
+                    self._first_seen[adapter_id] = None
                 if len(self._last_seen) > 2 * self._seen_after_prune:
                     self._forget_quiet()
             if priority:
@@ -244,15 +248,19 @@ class Scheduler:
         """`adapter_id` is gone (released): nobody waits for it any more."""
         with self._cond:
             self._last_seen.pop(adapter_id, None)
+            self._first_seen.pop(adapter_id, None)
 
     def _burst_complete(self, batch_key: Hashable) -> bool:
         """Every adapter active with `batch_key` has a request queued: nobody is left to wait for. An adapter
-        counts when it submitted a request of that key, or has submitted no batchable request yet (a new
-        tenant, about to show what it does); one that only samples, or trains with another loss, never
-        holds up the batch. Called holding the lock."""
+        counts when it submitted a request of that key in the last `ACTIVE_TENANT_S`, or when it is new
+        (first seen that recently, nothing batchable yet: about to show what it does); one that only
+        samples, or trains with another loss, never holds up the batch. Called holding the lock."""
         queued = {r.adapter_id for r in self._pending}
-        return all(adapter in queued for adapter, keys in self._last_seen.items()
-                   if batch_key in keys or keys.keys() <= {None})
+        now = time.perf_counter()
+        counted = {adapter for adapter, keys in self._last_seen.items() if batch_key in keys}
+        counted |= {adapter for adapter, first in self._first_seen.items()
+                    if first is not None and now - first <= ACTIVE_TENANT_S}
+        return counted <= queued
 
     def _has_background(self) -> bool:
         if self._background is None:

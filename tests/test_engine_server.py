@@ -936,9 +936,11 @@ def test_a_lone_tenant_never_waits_for_a_burst():
         scheduler.shutdown()
 
 
-def test_a_burst_waits_only_for_tenants_that_submit_its_kind_of_request():
+def test_a_burst_waits_only_for_tenants_that_submit_its_kind_of_request(monkeypatch):
     """A tenant active with other requests (another loss, say) never holds up a batch it cannot join; a
-    new tenant, that has shown nothing yet, does."""
+    new tenant, that has shown nothing yet, does, but only while it is new."""
+    from framework import scheduler as scheduler_module
+
     run = recording_batches([])
     scheduler = Scheduler(batch_window_s=0.05)
     try:
@@ -949,6 +951,12 @@ def test_a_burst_waits_only_for_tenants_that_submit_its_kind_of_request():
         scheduler.call(lambda: None, adapter_id="c").result(10)  # a new tenant
         time.sleep(0.05)
         assert scheduler.submit(run, 2, adapter_id="a", batch_key="k").result(10) == 2
+        assert scheduler.stats()["burst_waits"] == 1
+        monkeypatch.setattr(scheduler_module, "ACTIVE_TENANT_S", 0.1)
+        time.sleep(0.15)  # c is no longer new, whatever it does next that batches with nothing
+        scheduler.call(lambda: None, adapter_id="c").result(10)
+        time.sleep(0.05)
+        assert scheduler.submit(run, 3, adapter_id="a", batch_key="k").result(10) == 3
         assert scheduler.stats()["burst_waits"] == 1
     finally:
         scheduler.shutdown()
