@@ -424,8 +424,7 @@ class Engine:
                           scales: np.ndarray) -> list[np.ndarray]:
         flat = [(group[r.snapshot_id], _scored(r.tokens), {}) for r in requests]
         logprobs, _, _ = self._run_forward("cross_entropy", weights, scales, flat, backward=False)
-        return [np.concatenate([[np.nan], lp[: len(r.tokens) - 1]]).astype(np.float32)
-                for lp, r in zip(logprobs, requests, strict=True)]
+        return [_from_position_one(lp, len(r.tokens)) for lp, r in zip(logprobs, requests, strict=True)]
 
     def _forward_with_cache(self, jobs: Sequence[SampleJob]) -> tuple[list[np.ndarray], jax.Array, KVCache]:
         """The prompts of `jobs` through the training forward, one row each: their logprobs (for a prompt
@@ -443,8 +442,7 @@ class Engine:
         logprobs, last_logits, cache = self._steps.forward_with_cache(self._base, weights, scales, arrays, last)
         logprobs = np.asarray(logprobs)
         self._cold_tokens += sum(len(j.prompt) for j in jobs)
-        return ([np.concatenate([[np.nan], logprobs[i, : len(j.prompt) - 1]]).astype(np.float32)
-                 for i, j in enumerate(jobs)], last_logits, cache)
+        return [_from_position_one(logprobs[i], len(j.prompt)) for i, j in enumerate(jobs)], last_logits, cache
 
     def topk(self, requests: Sequence[LogprobsRequest], k: int) -> list[TopK]:
         """The k most likely tokens at each position t ≥ 1 of each request, given tokens_<t; row 0
@@ -546,6 +544,12 @@ def _scored(tokens: np.ndarray) -> DatumArrays:
     """`tokens` as a datum whose logprobs are wanted (each position's target is the next token)."""
     return DatumArrays(tokens, {"target_tokens": np.append(tokens[1:], 0).astype(np.int32),
                                 "weights": np.zeros(len(tokens), np.float32)})
+
+
+def _from_position_one(logprobs: np.ndarray, n: int) -> np.ndarray:
+    """A row's next-token logprobs (position t predicts t + 1) as log p(token_t | tokens_<t) for the n
+    tokens: NaN first, as nothing predicts it."""
+    return np.concatenate([[np.nan], logprobs[: n - 1]]).astype(np.float32)
 
 
 def _all_finite(batch: Batch, logprobs: np.ndarray, loss: np.ndarray, grads_finite: np.ndarray | None) -> bool:
