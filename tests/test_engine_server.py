@@ -551,18 +551,41 @@ def test_a_one_token_sample_for_prompt_logprobs_takes_one_forward_pass(base_mode
         assert [s.stop_reason for s in result.sequences] == [s.stop_reason for s in alone.sequences]
         for a, b in zip(result.sequences, alone.sequences, strict=True):
             np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5)
-    # another completion of the second prompt: the decode loop, on the cached prompt
-    before = engine.metrics()["logprobs"]["computed_tokens"]
+    # Prompts the cache knows part of take one pass too, through the prefix scorer: another completion of
+    # the second prompt computes only its own tokens; the first prompt again (all its logprobs known)
+    # feeds its last token alone. Neither prefills nor decodes.
+    twin = Engine(base_model, EngineConfig(max_rank=8))  # the same history, then `logprobs`
+    twin.create_adapter(rank=4, seed=3, adapter_id=adapter.adapter_id)
+    twin.set_adapter_state(adapter.adapter_id, weights, None, 0)
+    twin_sid = twin.publish(adapter.adapter_id).snapshot_id
+    for job in jobs[:2]:
+        twin.sample([dataclasses.replace(job, snapshot_id=twin_sid)])
     completion = rng.integers(3, VOCAB, 5).astype(np.int32)
-    (extended,) = engine.sample([dataclasses.replace(jobs[1], prompt=np.concatenate([prompts[1], completion]))])
-    assert engine.metrics()["logprobs"]["computed_tokens"] - before == len(completion) + 1
-    assert extended.cached_prompt_tokens == len(prompts[1])
+    again = [dataclasses.replace(jobs[1], prompt=np.concatenate([prompts[1], completion])), jobs[0]]
+    before = engine.metrics()["logprobs"]["computed_tokens"]
+    warm = engine.sample(again)
+    assert engine.metrics()["logprobs"]["computed_tokens"] - before == len(completion) + 1 + 1
+    assert engine.metrics()["sampling"]["one_pass_requests"] == 5
+    assert engine.compile_counts["prefill"] == 0 and engine.compile_counts["decode"] == 0
+    assert [r.cached_prompt_tokens for r in warm] == [len(prompts[1]), len(prompts[0]) - 1]
+    np.testing.assert_array_equal(warm[1].prompt_logprobs, got[0].prompt_logprobs)
+    assert [s.tokens for s in warm[1].sequences] == [s.tokens for s in got[0].sequences]
+    np.testing.assert_array_equal(warm[0].prompt_logprobs,
+                                  twin.logprobs([LogprobsRequest(twin_sid, again[0].prompt)])[0])
+    for job, result in zip(again, warm, strict=True):
+        plain_job = dataclasses.replace(job, snapshot_id=plain_sid)
+        np.testing.assert_allclose(result.prompt_logprobs,
+                                   plain.logprobs([LogprobsRequest(plain_sid, job.prompt)])[0], atol=2e-5)
+        (alone,) = plain.sample([dataclasses.replace(plain_job, prompt_logprobs=False)])
+        assert [s.tokens for s in result.sequences] == [s.tokens for s in alone.sequences]
+        for a, b in zip(result.sequences, alone.sequences, strict=True):
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5)
 
 
 def test_one_pass_requests_sharing_a_context_compute_it_once_and_fall_back_on_failure(base_model):
     """Two completions of one context asked at once: the first takes the one forward pass, the second
-    waits a step and extends its cached context. A one-pass forward that fails hands its requests to the
-    decode loop, which serves them."""
+    waits a step and extends its cached context (in one pass too). A one-pass forward that fails hands
+    its requests to the decode loop, which serves them."""
     engine = Engine(base_model, EngineConfig(max_rank=8))
     rng = np.random.default_rng(10)
     context = rng.integers(3, VOCAB, 30).astype(np.int32)
@@ -570,7 +593,8 @@ def test_one_pass_requests_sharing_a_context_compute_it_once_and_fall_back_on_fa
                       num_samples=1, max_tokens=1, temperature=0.0, top_p=1.0, top_k=-1, seed=0, prompt_logprobs=True)
             for _ in range(2)]
     got = engine.sample(jobs)
-    assert engine.metrics()["sampling"]["one_pass_requests"] == 1
+    assert engine.metrics()["sampling"]["one_pass_requests"] == 2
+    assert engine.compile_counts["prefill"] == 0
     assert engine.metrics()["logprobs"]["computed_tokens"] == len(jobs[0].prompt) + 6 + 1
     assert got[1].cached_prompt_tokens == len(context)
     expected = [engine.logprobs([LogprobsRequest("base", j.prompt)])[0] for j in jobs]  # from the cache now
@@ -583,7 +607,7 @@ def test_one_pass_requests_sharing_a_context_compute_it_once_and_fall_back_on_fa
     engine.decoder._one_pass._forward = failing
     fresh = dataclasses.replace(jobs[0], prompt=rng.integers(3, VOCAB, 20).astype(np.int32))
     (result,) = engine.sample([fresh])
-    assert engine.metrics()["sampling"]["one_pass_requests"] == 1  # served by the decode loop
+    assert engine.metrics()["sampling"]["one_pass_requests"] == 2  # served by the decode loop
     np.testing.assert_allclose(result.prompt_logprobs,
                                Engine(base_model, EngineConfig(max_rank=8, prefix_cache_mb=0)).logprobs(
                                    [LogprobsRequest("base", fresh.prompt)])[0], atol=2e-5)

@@ -102,7 +102,7 @@ class Engine:
                                   min_capacity=self.config.min_seq_bucket, prompt_extras=self._prompt_extras,
                                   compile_counts=self.compile_counts,
                                   continuous=self.config.continuous_batching, prefill_once=self.config.prefill_once,
-                                  forward_with_cache=self._forward_with_cache,
+                                  forward_with_cache=self._forward_with_cache, score_prompts=self._score_prompts,
                                   one_pass_tokens=self.config.max_batch_tokens)
         self.scorer = PrefixScorer(graphdef=self._graphdef, base=self._base, model_config=self.model_config,
                                    dtype=self._dtype, prefix_cache=self.prefix_cache, placement=self.placement,
@@ -443,6 +443,17 @@ class Engine:
         logprobs = np.asarray(logprobs)
         self._cold_tokens += sum(len(j.prompt) for j in jobs)
         return [_from_position_one(logprobs[i], len(j.prompt)) for i, j in enumerate(jobs)], last_logits, cache
+
+    def _score_prompts(self, jobs: Sequence[SampleJob]
+                       ) -> tuple[list[np.ndarray | None], dict[int, tuple[jax.Array, int]]]:
+        """The prompts of `jobs` through the prefix scorer (as `logprobs` computes a sequence the cache knows
+        part of): their logprobs, None for a prompt of whose logprobs the cache knows none, and where
+        the logits after each scored prompt are."""
+        requests = [LogprobsRequest(j.snapshot_id, j.prompt) for j in jobs]
+        if max(len(r.tokens) for r in requests) > self.max_seq_len:
+            raise ValueError(f"prompt length exceeds the engine's max_seq_len {self.max_seq_len}")
+        group, weights, scales = self._snapshot_args([r.snapshot_id for r in requests])
+        return self.scorer.logprobs_and_next(requests, weights, scales, group)
 
     def topk(self, requests: Sequence[LogprobsRequest], k: int) -> list[TopK]:
         """The k most likely tokens at each position t ≥ 1 of each request, given tokens_<t; row 0

@@ -21,8 +21,8 @@ steps in one compiled loop:
   prompt + completion go to the prefix cache for the next turn.
 
 Nothing here blocks: `step` is called by the scheduler's worker between training batches.
-A one-token request for its prompt's logprobs (the SDK's `compute_logprobs`) whose prompt the prefix
-cache knows nothing of skips the pool: one training forward serves it (`one_pass`).
+A one-token request for its prompt's logprobs (the SDK's `compute_logprobs`) skips the pool: one
+forward pass serves it (`one_pass`).
 Requests whose snapshot has no free sampler slot, or that find the pool full, wait in FIFO order.
 A request with more samples than pool rows is admitted a few samples at a time.
 """
@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from framework.engine.one_pass import ForwardWithCache, OnePass, eligible
+from framework.engine.one_pass import ForwardWithCache, OnePass, ScorePrompts, eligible
 from framework.engine.placement import Placement
 from framework.engine.pool_rows import PoolRows, Running
 from framework.engine.prefix_cache import MIN_SHARED, PrefixCache, extract_entry, place_entry, shared_prefix
@@ -67,7 +67,7 @@ class DecodeLoop:
                  prompt_extras: Callable[[SampleJob], tuple[np.ndarray | None, TopK | None]],
                  compile_counts: collections.Counter[str], placement: Placement, continuous: bool = True,
                  prefill_once: bool = True, forward_with_cache: ForwardWithCache | None = None,
-                 one_pass_tokens: int = 2048):
+                 score_prompts: ScorePrompts | None = None, one_pass_tokens: int = 2048):
         self._graphdef, self._base = graphdef, base
         self._placement = placement
         self._config, self._dtype = model_config, dtype
@@ -104,8 +104,9 @@ class DecodeLoop:
         self.extract_entry = jax.jit(lambda cache, row, length: placement.constrain_prefix_entry(
             extract_entry(cache, row, length=length)), static_argnames=("length",))
         # One-token requests for prompt logprobs (the SDK's compute_logprobs), in one training forward each.
-        self._one_pass = (None if forward_with_cache is None
-                          else OnePass(forward_with_cache, prefix_cache, self.extract_entry, min_capacity))
+        self._one_pass = (None if forward_with_cache is None or score_prompts is None
+                          else OnePass(forward_with_cache, score_prompts, prefix_cache, self.extract_entry,
+                                       min_capacity))
         self._one_pass_tokens = one_pass_tokens
 
     # ------------------------------------------------------------------------------- interface
@@ -156,42 +157,51 @@ class DecodeLoop:
             self._settle(running, error=error)
 
     # ------------------------------------------------------------------------------- admission
+    def _one_pass_candidate(self, running: Running) -> bool:
+        return (self._one_pass is not None and not running.started and eligible(running.job)
+                and running.job.num_samples <= self.max_rows)
+
     def _serve_one_pass(self) -> None:
-        """Serve waiting one-token requests for prompt logprobs (`one_pass`) whose prompts the prefix cache
-        knows nothing of, without the pool, up to `one_pass_tokens` padded positions in one forward. A prompt
-        sharing a prefix with one chosen now waits a step (it then extends that one's cache entry). If the
-        forward fails, its requests go through the decode loop instead."""
-        if self._one_pass is None:
-            return
-        with self._lock:
-            candidates = [r for r in self._waiting
-                          if not r.started and eligible(r.job) and r.job.num_samples <= self.max_rows]
-        chosen: list[Running] = []
-        try:
-            for running in candidates:
-                job = running.job
-                if chosen and self._one_pass.positions([r.job for r in chosen] + [job]) > self._one_pass_tokens:
-                    break
-                if self._prefix.knows(job.snapshot_id, job.prompt) or any(
-                        r.job.snapshot_id == job.snapshot_id and shared_prefix(r.job.prompt, job.prompt) >= MIN_SHARED
-                        for r in chosen):
-                    continue
-                self._remove_waiting(running)
-                if not running.future.set_running_or_notify_cancel():
-                    self._settle(running)
-                    continue
-                running.started = True
-                self.queue_wait_seconds += time.perf_counter() - running.submitted
-                chosen.append(running)
-            served = self._one_pass.run([r.job for r in chosen]) if chosen else []
-        except Exception:
-            logger.exception("one-pass scoring failed; the decode loop serves its requests")
+        """Serve waiting one-token requests for prompt logprobs (`one_pass`) without the pool, up to
+        `one_pass_tokens` padded positions a step (at least one request). A prompt that shares more with
+        one chosen than the prefix cache holds of it waits for that one's pass, then extends its cache
+        entry (in another round of this step if the budget allows, else the next step). If a pass fails,
+        its requests go through the decode loop instead; otherwise the decode loop leaves them to this."""
+        spent = 0
+        while True:
             with self._lock:
-                self._waiting.extendleft(reversed(chosen))
-            return
-        self.stats["one_pass_requests"] += len(chosen)
-        for running, (prompt_logprobs, rows) in zip(chosen, served, strict=True):
-            self._settle(running, result=SampleResult(rows, prompt_logprobs, running.snapshot.version))
+                candidates = [r for r in self._waiting if self._one_pass_candidate(r)]
+            chosen: list[Running] = []
+            try:
+                for running in candidates:
+                    job = running.job
+                    if ((chosen or spent) and spent + self._one_pass.positions([r.job for r in chosen] + [job])
+                            > self._one_pass_tokens):
+                        break
+                    cached = self._prefix.cached_length(job.snapshot_id, job.prompt)
+                    if any(r.job.snapshot_id == job.snapshot_id
+                           and shared_prefix(r.job.prompt, job.prompt) >= cached + MIN_SHARED for r in chosen):
+                        continue
+                    self._remove_waiting(running)
+                    if not running.future.set_running_or_notify_cancel():
+                        self._settle(running)
+                        continue
+                    running.started = True
+                    self.queue_wait_seconds += time.perf_counter() - running.submitted
+                    chosen.append(running)
+                if not chosen:
+                    return
+                served = self._one_pass.run([r.job for r in chosen])
+            except Exception:
+                logger.exception("one-pass scoring failed; the decode loop serves its requests")
+                with self._lock:
+                    self._waiting.extendleft(reversed(chosen))
+                return
+            spent += self._one_pass.positions([r.job for r in chosen])
+            self.stats["one_pass_requests"] += len(chosen)
+            for running, (prompt_logprobs, rows, cached) in zip(chosen, served, strict=True):
+                self._settle(running, result=SampleResult(rows, prompt_logprobs, running.snapshot.version,
+                                                          cached_prompt_tokens=cached))
 
     def _admit_waiting(self) -> None:
         if not self._continuous and self._rows.active.any():
@@ -208,6 +218,8 @@ class DecodeLoop:
                 self._remove_waiting(running)
                 self._settle(running)
                 continue
+            if self._one_pass_candidate(running):
+                continue  # the next step's one pass serves it
             try:
                 self._registry.place(sorted(active_sids | {running.job.snapshot_id}))
             except NoFreeSlot:

@@ -86,6 +86,14 @@ class PrefixScorer:
         for the others, which the caller computes with the training forward (so that a sequence nothing
         has computed gets exactly the training step's logprobs: a policy equal to its reference scores
         the same, bit for bit). `adapters[group[snapshot]]` is a request's snapshot weights."""
+        return self.logprobs_and_next(requests, adapters, scales, group, want_next=False)[0]
+
+    def logprobs_and_next(self, requests: Sequence[LogprobsRequest], adapters: tuple, scales: np.ndarray,
+                          group: dict[str, int], *, want_next: bool = True
+                          ) -> tuple[list[np.ndarray | None], dict[int, tuple[jax.Array, int]]]:
+        """`logprobs`, and for each request it scored, where the logits of the token after its last one
+        are: `(array [rows, V], row)` (a one-token sample draws from them). A request whose last logprob
+        the cache knew already feeds its last token for them."""
         requests = [LogprobsRequest(r.snapshot_id, np.asarray(r.tokens, np.int32)) for r in requests]
         results: list[np.ndarray | None] = []
         found: list[tuple[PrefixEntry | None, int]] = []
@@ -108,16 +116,22 @@ class PrefixScorer:
                 run.requests.append(i)
                 if b == n and shared < n:
                     run.tail_of = i
+            if want_next and not np.isnan(known[n - 1]):  # no run ends at n: feed the last token alone
+                # (position n-1's logprob is known, so the entry holds every position before it)
+                runs.setdefault((request.snapshot_id, tokens.tobytes()), _Run([], n - 1, n, entry)).requests.append(i)
             self._prefix.count_reused(n - 1 - int(np.isnan(known[1:]).sum()))
             self.stats["requests"] += 1
             self.stats["tokens"] += n
         tails: dict[int, jax.Array] = {}
+        following: dict[int, tuple[jax.Array, int]] = {}
         for call in self._calls(list(runs.values())):
-            tails.update(self._run_call(call, requests, results, adapters, scales, group))
+            call_tails, call_next = self._run_call(call, requests, results, adapters, scales, group)
+            tails.update(call_tails)
+            following.update(call_next)
         for i, request in enumerate(requests):
             if results[i] is not None:
                 self._remember(request, results[i], *found[i], tails.get(i))
-        return results
+        return results, following
 
     def _calls(self, runs: list[_Run]) -> list[list[_Run]]:
         """Runs grouped into calls of at most `token_budget` cache positions (a run alone may exceed it)."""
@@ -138,9 +152,11 @@ class PrefixScorer:
         return bucket(max(r.start for r in runs) + self._width(runs), self._min_capacity)
 
     def _run_call(self, runs: list[_Run], requests: Sequence[LogprobsRequest], results: list[np.ndarray | None],
-                  adapters: tuple, scales: np.ndarray, group: dict[str, int]) -> dict[int, jax.Array]:
+                  adapters: tuple, scales: np.ndarray, group: dict[str, int]
+                  ) -> tuple[dict[int, jax.Array], dict[int, tuple[jax.Array, int]]]:
         """Score `runs` in one compiled call, filling in `results`; returns the keys/values of each request
-        whose tail was fed here (its whole sequence), for the prefix cache."""
+        whose tail was fed here (its whole sequence), for the prefix cache, and where the logits after
+        the last token of each request whose tail was fed here are."""
         p, t, capacity = bucket(len(runs)), self._width(runs), self._capacity(runs)
         cache = self._placement.empty_cache(self._config, p, capacity, self._dtype)
         tokens, targets = np.zeros((p, t), np.int32), np.zeros((p, t), np.int32)
@@ -155,10 +171,11 @@ class PrefixScorer:
                 cache = self._place_entry(cache, run.entry.kv[:, :, :, :capacity], jnp.int32(k))
             self.stats["fed_tokens"] += len(fed)
         arrays = self._placement.batch((rows, tokens, targets, start, lengths))
-        logprobs, cache = self._score(self._base, adapters, scales, cache, *arrays)
+        logprobs, last_logits, cache = self._score(self._base, adapters, scales, cache, *arrays)
         logprobs = np.asarray(logprobs)
-        tails = {}
+        tails, following = {}, {}
         for k, run in enumerate(runs):
+            following.update({i: (last_logits, k) for i in run.requests if len(requests[i].tokens) == run.stop})
             # row k's output i is the logprob of position start + 1 + i; keep what the cache knew
             span = slice(run.start + 1, run.stop)
             fresh = logprobs[k, : run.stop - run.start - 1]
@@ -168,7 +185,7 @@ class PrefixScorer:
             if run.tail_of is not None:  # this row holds the whole sequence's keys/values
                 length = min(bucket(run.stop, 16), capacity)
                 tails[run.tail_of] = self._extract_entry(cache, jnp.int32(k), length=length)
-        return tails
+        return tails, following
 
     def _remember(self, request: LogprobsRequest, logprobs: np.ndarray, entry: PrefixEntry | None, shared: int,
                   kv: jax.Array | None) -> None:
@@ -184,4 +201,5 @@ class PrefixScorer:
         model = nnx.merge(self._graphdef, base)
         hook = self._placement.hook(LoraBank(stack_adapters(adapters), scales), rows)
         logits, cache = extend(model, tokens, start, lengths, cache, hook=hook, all_logits=True)
-        return token_logprobs(logits, targets), self._placement.constrain_cache(cache)
+        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        return token_logprobs(logits, targets), last, self._placement.constrain_cache(cache)
