@@ -10,7 +10,7 @@ It composes the parts, each in its own module:
   cheaper, several);
 - `decode.DecodeLoop` + `prefix_cache.PrefixCache`: continuous batching for sampling, prompts
   prefilled once per request and cached per snapshot; `one_pass` serves the SDK's compute_logprobs
-  of a new prompt with one training forward;
+  in one pass (the training forward for a new prompt, the prefix scorer for one the cache knows part of);
 - `scoring.PrefixScorer`: compute_logprobs of sequences the prefix cache knows part of.
 
 Calls are synchronous and not thread-safe, except `submit_sample`: `framework.scheduler` runs
