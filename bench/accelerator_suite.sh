@@ -55,7 +55,7 @@ for part in $PARTS; do
     case $part in
         small) run_part small "${LIMIT_SMALL:-220}" "$PY" -m bench.multi_tenant --skip large,ragged,capacity \
             --tenants "${TENANTS:-1,2,4,8,16,32}" --repeats "${REPEATS:-3}" ;;
-        rl) run_part rl "${LIMIT_RL:-290}" "$PY" -m bench.rl_workload --warmup "${WARMUP:-1}" \
+        rl) run_part rl "${LIMIT_RL:-290}" "$PY" -m bench.rl_workload --warmup "${WARMUP:-2}" \
             --iterations "${ITERATIONS:-3}" ;;
         large) run_part large "${LIMIT_LARGE:-60}" "$PY" -m bench.multi_tenant --skip small,ragged,capacity \
             --repeats "${REPEATS:-3}" ;;
