@@ -98,34 +98,37 @@ def main() -> None:
 
 def sdk_form(engine: Engine, snapshot: str, repeats: int) -> dict[str, float]:
     vocab = engine.model_config.vocab_size
-    best = {"sdk_form": float("inf"), "logprobs": float("inf")}
-    for repeat in range(repeats + 1):
+
+    def requests(repeat: int) -> tuple[list[LogprobsRequest], list[LogprobsRequest]]:
         rng = np.random.default_rng(7000 + repeat)
         prompts = [rng.integers(3, vocab, FRESH_LEN).astype(np.int32) for _ in range(2 * FRESH)]
-        jobs = [SampleJob(snapshot, p, 1, 1, 1.0, 1.0, -1, i, prompt_logprobs=True)
-                for i, p in enumerate(prompts[:FRESH])]
-        requests = [LogprobsRequest(snapshot, p) for p in prompts[FRESH:]]
-        seconds = {"sdk_form": timed(lambda j=jobs: engine.sample(j)),
-                   "logprobs": timed(lambda r=requests: engine.logprobs(r))}
-        if repeat:
-            best = {k: min(v, seconds[k]) for k, v in best.items()}
-    log("sdk_form: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in best.items()))
-    return {"sdk_form_ms": round(1e3 * best["sdk_form"], 1), "logprobs_ms": round(1e3 * best["logprobs"], 1),
-            "ratio": round(best["sdk_form"] / best["logprobs"], 2)}
+        return ([LogprobsRequest(snapshot, p) for p in prompts[:FRESH]],
+                [LogprobsRequest(snapshot, p) for p in prompts[FRESH:]])
+
+    return compare_sdk_form("sdk_form", engine, requests, repeats)
 
 
 def sdk_reference(engine: Engine, snapshot: str, repeats: int) -> dict[str, float]:
-    best = {"sdk_form": float("inf"), "logprobs": float("inf")}
     sampled = workloads(engine, snapshot)["reference"]
+    return compare_sdk_form("sdk_reference", engine,
+                            lambda repeat: (sampled(9000 + 2 * repeat)[0], sampled(9001 + 2 * repeat)[0]), repeats)
+
+
+def compare_sdk_form(name: str, engine: Engine,
+                     requests: Callable[[int], tuple[list[LogprobsRequest], list[LogprobsRequest]]],
+                     repeats: int) -> dict[str, float]:
+    """The first batch of `requests(repeat)` in the SDK's form (submitted together) vs the second (as many,
+    alike, but new to the cache) through `Engine.logprobs`; repeat 0 warms up."""
+    best = {"sdk_form": float("inf"), "logprobs": float("inf")}
     for repeat in range(repeats + 1):
-        jobs = [SampleJob(BASE, r.tokens, 1, 1, 1.0, 1.0, -1, i, prompt_logprobs=True)
-                for i, r in enumerate(sampled(9000 + 2 * repeat)[0])]
-        requests = sampled(9001 + 2 * repeat)[0]
+        sdk, direct = requests(repeat)
+        jobs = [SampleJob(r.snapshot_id, r.tokens, 1, 1, 1.0, 1.0, -1, i, prompt_logprobs=True)
+                for i, r in enumerate(sdk)]
         seconds = {"sdk_form": timed(lambda j=jobs: engine.sample(j)),
-                   "logprobs": timed(lambda r=requests: engine.logprobs(r))}
+                   "logprobs": timed(lambda r=direct: engine.logprobs(r))}
         if repeat:
             best = {k: min(v, seconds[k]) for k, v in best.items()}
-    log("sdk_reference: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in best.items()))
+    log(f"{name}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in best.items()))
     return {"sdk_form_ms": round(1e3 * best["sdk_form"], 1), "logprobs_ms": round(1e3 * best["logprobs"], 1),
             "ratio": round(best["sdk_form"] / best["logprobs"], 2)}
 
