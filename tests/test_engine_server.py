@@ -563,7 +563,7 @@ def test_a_one_token_sample_for_prompt_logprobs_takes_one_forward_pass(base_mode
     completion = rng.integers(3, VOCAB, 5).astype(np.int32)
     again = [dataclasses.replace(jobs[1], prompt=np.concatenate([prompts[1], completion])), jobs[0]]
     before = engine.metrics()["logprobs"]["computed_tokens"]
-    warm = engine.sample(again)
+    warm = [engine.sample([job])[0] for job in again]  # each alone: the same shapes as `twin.logprobs`
     assert engine.metrics()["logprobs"]["computed_tokens"] - before == len(completion) + 1 + 1
     assert engine.metrics()["sampling"]["one_pass_requests"] == 5
     assert engine.compile_counts["prefill"] == 0 and engine.compile_counts["decode"] == 0
@@ -612,6 +612,62 @@ def test_one_pass_requests_sharing_a_context_compute_it_once_and_fall_back_on_fa
                                Engine(base_model, EngineConfig(max_rank=8, prefix_cache_mb=0)).logprobs(
                                    [LogprobsRequest("base", fresh.prompt)])[0], atol=2e-5)
     assert len(result.sequences[0].tokens) == 1
+
+
+def test_one_pass_mixes_cached_and_new_prompts_and_learns_what_it_computes(base_model):
+    """One round holding a prompt the cache knows part of and a new one, several samples each: both take
+    one pass, and tokens and logprobs are the decode loop's. A prompt the cache holds without its
+    logprobs (sampled before) takes the training forward once and teaches the cache, so asking again
+    feeds one token. A failing scorer hands its requests to the decode loop."""
+    engine = Engine(base_model, EngineConfig(max_rank=8))
+    plain = Engine(base_model, EngineConfig(max_rank=8, prefix_cache_mb=0))
+    rng = np.random.default_rng(12)
+
+    def computed() -> int:
+        return engine.metrics()["logprobs"]["computed_tokens"]
+
+    def one_pass() -> int:
+        return engine.metrics()["sampling"]["one_pass_requests"]
+
+    context = rng.integers(3, VOCAB, 24).astype(np.int32)
+    job = SampleJob(snapshot_id="base", prompt=context, num_samples=1, max_tokens=1, temperature=1.0, top_p=1.0,
+                    top_k=-1, seed=0, prompt_logprobs=True)
+    engine.sample([job])  # the context and its logprobs go to the cache
+    jobs = [dataclasses.replace(job, prompt=np.concatenate([context, rng.integers(3, VOCAB, 6).astype(np.int32)]),
+                                num_samples=3, seed=1),
+            dataclasses.replace(job, prompt=rng.integers(3, VOCAB, 17).astype(np.int32), num_samples=2, seed=2)]
+    before = computed()
+    got = engine.sample(jobs)
+    assert computed() - before == 6 + 1 + 17 and one_pass() == 3
+    assert engine.compile_counts["prefill"] == 0 and engine.compile_counts["decode"] == 0
+    for j, result in zip(jobs, got, strict=True):
+        np.testing.assert_allclose(result.prompt_logprobs, plain.logprobs([LogprobsRequest("base", j.prompt)])[0],
+                                   atol=2e-5)
+        (alone,) = plain.sample([dataclasses.replace(j, prompt_logprobs=False)])
+        assert [s.tokens for s in result.sequences] == [s.tokens for s in alone.sequences]
+        for a, b in zip(result.sequences, alone.sequences, strict=True):
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5)
+    # sampled before: the cache holds its keys/values but none of its logprobs
+    prompt = rng.integers(3, VOCAB, 30).astype(np.int32)
+    engine.sample([dataclasses.replace(job, prompt=prompt, max_tokens=4, prompt_logprobs=False)])
+    before = computed()
+    first = engine.sample([dataclasses.replace(job, prompt=prompt)])[0]
+    assert computed() - before == len(prompt)
+    second = engine.sample([dataclasses.replace(job, prompt=prompt)])[0]
+    assert computed() - before == len(prompt) + 1 and one_pass() == 5
+    np.testing.assert_array_equal(second.prompt_logprobs, first.prompt_logprobs)
+    assert second.sequences[0].tokens == first.sequences[0].tokens
+    np.testing.assert_allclose(second.sequences[0].logprobs, first.sequences[0].logprobs, atol=2e-5)
+
+    def failing(jobs):
+        raise RuntimeError("injected scorer failure")
+
+    engine.decoder._one_pass._score = failing
+    extended = dataclasses.replace(job, prompt=np.concatenate([context, rng.integers(3, VOCAB, 5).astype(np.int32)]))
+    (result,) = engine.sample([extended])
+    assert one_pass() == 5 and len(result.sequences[0].tokens) == 1  # served by the decode loop
+    np.testing.assert_allclose(result.prompt_logprobs,
+                               plain.logprobs([LogprobsRequest("base", extended.prompt)])[0], atol=2e-5)
 
 
 # ---------------------------------------------------------------------------------- packed training

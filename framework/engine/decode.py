@@ -103,7 +103,7 @@ class DecodeLoop:
                                    donate_argnames=("cache",))
         self.extract_entry = jax.jit(lambda cache, row, length: placement.constrain_prefix_entry(
             extract_entry(cache, row, length=length)), static_argnames=("length",))
-        # One-token requests for prompt logprobs (the SDK's compute_logprobs), in one training forward each.
+        # One-token requests for prompt logprobs (the SDK's compute_logprobs), in one forward pass each.
         self._one_pass = (None if forward_with_cache is None or score_prompts is None
                           else OnePass(forward_with_cache, score_prompts, prefix_cache, self.extract_entry,
                                        min_capacity))
@@ -179,7 +179,7 @@ class DecodeLoop:
                             > self._one_pass_tokens):
                         break
                     cached = self._prefix.cached_length(job.snapshot_id, job.prompt)
-                    if any(r.job.snapshot_id == job.snapshot_id
+                    if self._prefix.enabled and any(r.job.snapshot_id == job.snapshot_id
                            and shared_prefix(r.job.prompt, job.prompt) >= cached + MIN_SHARED for r in chosen):
                         continue
                     self._remove_waiting(running)
@@ -192,16 +192,17 @@ class DecodeLoop:
                 if not chosen:
                     return
                 served = self._one_pass.run([r.job for r in chosen])
+                spent += self._one_pass.positions([r.job for r in chosen])
+                for running, (prompt_logprobs, rows, cached) in zip(chosen, served, strict=True):
+                    self._settle(running, result=SampleResult(rows, prompt_logprobs, running.snapshot.version,
+                                                              cached_prompt_tokens=cached))
+                    self.stats["one_pass_requests"] += 1
+                    self.stats["cached_prompt_tokens"] += cached
             except Exception:
                 logger.exception("one-pass scoring failed; the decode loop serves its requests")
                 with self._lock:
-                    self._waiting.extendleft(reversed(chosen))
+                    self._waiting.extendleft(reversed([r for r in chosen if not r.settled]))
                 return
-            spent += self._one_pass.positions([r.job for r in chosen])
-            self.stats["one_pass_requests"] += len(chosen)
-            for running, (prompt_logprobs, rows, cached) in zip(chosen, served, strict=True):
-                self._settle(running, result=SampleResult(rows, prompt_logprobs, running.snapshot.version,
-                                                          cached_prompt_tokens=cached))
 
     def _admit_waiting(self) -> None:
         if not self._continuous and self._rows.active.any():

@@ -5,7 +5,7 @@ include_prompt_logprobs=True)`. Through the decode loop it costs two passes over
 tokens: a prefill (keys/values, and the logits the one token is drawn from), then a scoring pass for
 the prompt's logprobs. Here one pass does both and keeps the logits after the prompt's last token:
 
-- a prompt the prefix cache knows nothing of goes through the training forward
+- a prompt of whose logprobs the prefix cache knows none goes through the training forward
   (`TrainingSteps.forward_with_cache`), which records every position's keys/values on the way, so its
   logprobs equal a training step's exactly;
 - a prompt the cache knows part of (another completion of a scored context, a sampled sequence) goes
@@ -76,8 +76,8 @@ class OnePass:
         self._draw = jax.jit(_first_draw)
 
     def positions(self, jobs: Sequence[SampleJob]) -> int:
-        """Token positions the forward of `jobs` computes (rows and length rounded up as the engine lays
-        them out: one prompt per row)."""
+        """Token positions the training forward of `jobs` computes (rows and length rounded up as the
+        engine lays them out: one prompt per row); a bound on what the scorer computes of them."""
         return bucket(len(jobs)) * length_bucket(max(len(j.prompt) for j in jobs), self._min_length)
 
     def run(self, jobs: Sequence[SampleJob]) -> list[tuple[np.ndarray, list[SampledRow], int]]:
@@ -140,6 +140,8 @@ class OnePass:
                 length = min(bucket(len(job.prompt), 16), cache.capacity)
                 entry = self._extract_entry(cache, jnp.int32(i), length=length)
                 self._prefix.insert(job.snapshot_id, job.prompt, entry, logprobs[i])
+            else:  # held already (e.g. sampled) without these logprobs: teach them
+                self._prefix.learn_logprobs(job.snapshot_id, job.prompt, logprobs[i])
 
 
 __all__ = ["OnePass", "eligible"]

@@ -97,15 +97,12 @@ class PrefixCache:
         return self._entries[best], best_len
 
     def cached_length(self, snapshot_id: str, tokens: np.ndarray) -> int:
-        """How many leading tokens of `tokens` `lookup` would take from an entry, 0 if it would find none
-        (without counting a lookup or touching the LRU)."""
+        """How many leading tokens of `tokens` an entry holds the keys/values of, short of the last token
+        (what `lookup(..., max_shared=len(tokens) - 1)` would take), 0 if under `MIN_SHARED`; without
+        counting a lookup or touching the LRU."""
         longest = max((min(shared_prefix(self._entries[key].tokens, tokens), len(tokens) - 1)
                        for key in self._by_snapshot.get(snapshot_id, ())), default=0)
         return longest if longest >= MIN_SHARED else 0
-
-    def knows(self, snapshot_id: str, tokens: np.ndarray) -> bool:
-        """Whether `lookup` would find an entry for `tokens` (without counting a lookup or touching the LRU)."""
-        return self.cached_length(snapshot_id, tokens) > 0
 
     def count_reused(self, tokens: int) -> None:
         if tokens > 0:

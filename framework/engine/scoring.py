@@ -155,8 +155,8 @@ class PrefixScorer:
                   adapters: tuple, scales: np.ndarray, group: dict[str, int]
                   ) -> tuple[dict[int, jax.Array], dict[int, tuple[jax.Array, int]]]:
         """Score `runs` in one compiled call, filling in `results`; returns the keys/values of each request
-        whose tail was fed here (its whole sequence), for the prefix cache, and where the logits after
-        the last token of each request whose tail was fed here are."""
+        whose tail was fed here (its whole sequence), for the prefix cache, and, for each request whose
+        last token a row fed here, that row of the call's logits after each row's last token."""
         p, t, capacity = bucket(len(runs)), self._width(runs), self._capacity(runs)
         cache = self._placement.empty_cache(self._config, p, capacity, self._dtype)
         tokens, targets = np.zeros((p, t), np.int32), np.zeros((p, t), np.int32)
