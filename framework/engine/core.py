@@ -23,7 +23,7 @@ from __future__ import annotations
 import collections
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -124,6 +124,13 @@ class Engine:
             return value
         return 1 if self.placement.mesh.devices.flat[0].platform == "cpu" else accelerator
 
+    def _check_length(self, lengths: Iterable[int], what: str = "sequence") -> int:
+        """The longest of `lengths`; a ValueError if it exceeds `max_seq_len`."""
+        n = max(lengths)
+        if n > self.max_seq_len:
+            raise ValueError(f"{what} length {n} exceeds the engine's max_seq_len {self.max_seq_len}")
+        return n
+
     # ----------------------------------------------------------------------------------- adapters
     def _new_weights(self, *, rank: int, seed: int, targets: Sequence[str]) -> LoraWeights:
         return self.placement.adapter(init_adapter(
@@ -202,9 +209,7 @@ class Engine:
                      flat: list[tuple[int, DatumArrays, dict[str, float]]], *, backward: bool,
                      adapters: Sequence[AdapterState] = (), mix: bool | None = None
                      ) -> tuple[list[np.ndarray], np.ndarray, dict]:
-        n = max(len(d.tokens) for _, d, _ in flat)
-        if n > self.max_seq_len:
-            raise ValueError(f"sequence length {n} exceeds the engine's max_seq_len {self.max_seq_len}")
+        self._check_length(len(d.tokens) for _, d, _ in flat)
         mix = self.config.pack_across_adapters if mix is None else mix
         if any(self._unmixable.get(a.adapter_id) == a.version for a in adapters):
             mix = False  # an adapter whose results were not finite at these weights: it would rerun every batch
@@ -403,9 +408,7 @@ class Engine:
         tokens whose logprobs no cached sequence holds; the others go through the training forward, so
         they equal a training step's logprobs exactly."""
         self.collect()
-        n = max(len(r.tokens) for r in requests)
-        if n > self.max_seq_len:
-            raise ValueError(f"sequence length {n} exceeds the engine's max_seq_len {self.max_seq_len}")
+        self._check_length(len(r.tokens) for r in requests)
         group, weights, scales = self._snapshot_args([r.snapshot_id for r in requests])
         known: list[np.ndarray | None] = [None] * len(requests)
         if self.prefix_cache.enabled:  # what the cache knows something of; the rest through the training forward
@@ -430,9 +433,7 @@ class Engine:
         """The prompts of `jobs` through the training forward, one row each: their logprobs (for a prompt
         alone, exactly what `logprobs` computes for it when the cache knows nothing of it), last logits and
         keys/values."""
-        n = max(len(j.prompt) for j in jobs)
-        if n > self.max_seq_len:
-            raise ValueError(f"prompt length {n} exceeds the engine's max_seq_len {self.max_seq_len}")
+        self._check_length((len(j.prompt) for j in jobs), "prompt")
         group, weights, scales = self._snapshot_args([j.snapshot_id for j in jobs])
         batch = layout([group[j.snapshot_id] for j in jobs], [_scored(j.prompt) for j in jobs], [{}] * len(jobs),
                        LOSSES["cross_entropy"].input_keys, min_bucket=self.config.min_seq_bucket, pack=False)
@@ -450,8 +451,7 @@ class Engine:
         part of): their logprobs, None for a prompt of whose logprobs the cache knows none, and where
         the logits after each scored prompt are."""
         requests = [LogprobsRequest(j.snapshot_id, j.prompt) for j in jobs]
-        if max(len(r.tokens) for r in requests) > self.max_seq_len:
-            raise ValueError(f"prompt length exceeds the engine's max_seq_len {self.max_seq_len}")
+        self._check_length((len(r.tokens) for r in requests), "prompt")
         group, weights, scales = self._snapshot_args([r.snapshot_id for r in requests])
         return self.scorer.logprobs_and_next(requests, weights, scales, group)
 
@@ -460,9 +460,7 @@ class Engine:
         (nothing predicts the first token) holds token 0 with logprob -inf."""
         self.collect()
         k = min(k, self.model_config.vocab_size)
-        n = max(len(r.tokens) for r in requests)
-        if n > self.max_seq_len:
-            raise ValueError(f"sequence length {n} exceeds the engine's max_seq_len {self.max_seq_len}")
+        n = self._check_length(len(r.tokens) for r in requests)
         group, weights, scales = self._snapshot_args([r.snapshot_id for r in requests])
         tokens = np.zeros((bucket(len(requests)), length_bucket(n, self.config.min_seq_bucket)), np.int32)
         rows = np.zeros((tokens.shape[0],), np.int32)

@@ -172,16 +172,18 @@ class DecodeLoop:
             with self._lock:
                 candidates = [r for r in self._waiting if self._one_pass_candidate(r)]
             chosen: list[Running] = []
+            cached: list[int] = []  # prompt tokens the prefix cache holds, per chosen request
             try:
                 for running in candidates:
                     job = running.job
                     if ((chosen or spent) and spent + self._one_pass.positions([r.job for r in chosen] + [job])
                             > self._one_pass_tokens):
                         break
-                    cached = self._prefix.cached_length(job.snapshot_id, job.prompt)
-                    if self._prefix.enabled and any(r.job.snapshot_id == job.snapshot_id
-                           and shared_prefix(r.job.prompt, job.prompt) >= cached + MIN_SHARED for r in chosen):
-                        continue
+                    held = self._prefix.cached_length(job.snapshot_id, job.prompt)
+                    if self._prefix.enabled and any(
+                            r.job.snapshot_id == job.snapshot_id
+                            and shared_prefix(r.job.prompt, job.prompt) >= held + MIN_SHARED for r in chosen):
+                        continue  # it waits for that one's pass, to extend its cache entry
                     self._remove_waiting(running)
                     if not running.future.set_running_or_notify_cancel():
                         self._settle(running)
@@ -189,15 +191,16 @@ class DecodeLoop:
                     running.started = True
                     self.queue_wait_seconds += time.perf_counter() - running.submitted
                     chosen.append(running)
+                    cached.append(held)
                 if not chosen:
                     return
-                served = self._one_pass.run([r.job for r in chosen])
+                served = self._one_pass.run([r.job for r in chosen], cached)
                 spent += self._one_pass.positions([r.job for r in chosen])
-                for running, (prompt_logprobs, rows, cached) in zip(chosen, served, strict=True):
+                for running, (prompt_logprobs, rows, from_cache) in zip(chosen, served, strict=True):
                     self._settle(running, result=SampleResult(rows, prompt_logprobs, running.snapshot.version,
-                                                              cached_prompt_tokens=cached))
+                                                              cached_prompt_tokens=from_cache))
                     self.stats["one_pass_requests"] += 1
-                    self.stats["cached_prompt_tokens"] += cached
+                    self.stats["cached_prompt_tokens"] += from_cache
             except Exception:
                 logger.exception("one-pass scoring failed; the decode loop serves its requests")
                 with self._lock:

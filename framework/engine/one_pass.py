@@ -80,12 +80,12 @@ class OnePass:
         engine lays them out: one prompt per row); a bound on what the scorer computes of them."""
         return bucket(len(jobs)) * length_bucket(max(len(j.prompt) for j in jobs), self._min_length)
 
-    def run(self, jobs: Sequence[SampleJob]) -> list[tuple[np.ndarray, list[SampledRow], int]]:
+    def run(self, jobs: Sequence[SampleJob], cached: Sequence[int]) -> list[tuple[np.ndarray, list[SampledRow], int]]:
         """Each job's prompt logprobs, sampled rows and prompt tokens taken from the prefix cache; the
-        prompts go to the prefix cache."""
+        prompts go to the prefix cache. `cached[i]`: what the cache holds of job i's prompt
+        (`PrefixCache.cached_length`)."""
         logprobs: list[np.ndarray | None] = [None] * len(jobs)
         following: dict[int, tuple[jax.Array, int]] = {}  # job -> (logits after its prompt, row)
-        cached = [self._prefix.cached_length(job.snapshot_id, job.prompt) for job in jobs]
         warm = [i for i, c in enumerate(cached) if c]
         if warm:
             scored, after = self._score([jobs[i] for i in warm])
