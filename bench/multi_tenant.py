@@ -9,7 +9,8 @@ public client API (the scheduler batches what is submitted together):
    - sampling: each tenant 1 prompt of 32 tokens → 64 new tokens, all submitted then awaited, vs
      each awaited before the next is submitted;
    - training: each tenant one 64-token sequence (forward_backward + optim_step), likewise.
-   Every shape is warmed up first; new compiles during the timed runs are reported (target: none).
+   Every shape is warmed up first; new compiles during the timed runs are reported (target: none), and
+   so are the adapters a training round pages in (a batch fills with resident adapters first).
    The one-at-a-time runs go with the scheduler's batch window off: a lone request has no burst to wait
    for, so the baseline does not pay that wait.
 2. large requests: each tenant a batch of 8 × 256; N = 4 tenants' aggregate vs one tenant alone.
@@ -74,6 +75,13 @@ def without_batch_window(service: ServiceClient, directory: str) -> Callable[[Ca
     return wrap
 
 
+def page_ins_of(engine, fn: Callable[[], None]) -> int:
+    """Adapters paged in while `fn` runs (one round of every tenant's requests)."""
+    before = engine.metrics()["adapters"]["page_ins"]
+    fn()
+    return engine.metrics()["adapters"]["page_ins"] - before
+
+
 def small_requests(directory: str, home: str, counts: list[int], repeats: int) -> dict:
     out: dict = {}
     with ServiceClient(home=home) as service:
@@ -120,6 +128,8 @@ def small_requests(directory: str, home: str, counts: list[int], repeats: int) -
             train = alternate_best({"alone": windowless(train_alone), "together": train_together}, repeats)
             sample = alternate_best({"alone": windowless(sample_alone), "together": sample_together}, repeats)
             compiles = {k: v - warm.get(k, 0) for k, v in engine.compile_counts.items() if v != warm.get(k, 0)}
+            pages = {name: page_ins_of(engine, fn) for name, fn in (("alone", train_alone),
+                                                                    ("together", train_together))}
             out[n] = {
                 "train_tokens_per_s_alone": round(n * TRAIN_SEQ / train["alone"], 1),
                 "train_tokens_per_s_together": round(n * TRAIN_SEQ / train["together"], 1),
@@ -128,6 +138,7 @@ def small_requests(directory: str, home: str, counts: list[int], repeats: int) -
                 "sample_tokens_per_s_together": round(n * NEW_TOKENS / sample["together"], 1),
                 "sample_ratio": round(sample["alone"] / sample["together"], 2),
                 "new_compiles_after_warmup": compiles,
+                "train_page_ins_alone": pages["alone"], "train_page_ins_together": pages["together"],
             }
             log(f"N={n}: {out[n]}")
         adapters = engine.metrics()["adapters"]

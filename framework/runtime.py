@@ -52,6 +52,7 @@ class Runtime:
                 scheduler = Scheduler(name=Path(key).name, background=_SamplingWork(engine),
                                       max_batch_tokens=self.engine_config.max_batch_tokens,
                                       max_batch_adapters=self.engine_config.max_adapters,
+                                      resident=engine.adapters.is_resident,
                                       batch_window_s=self.engine_config.batch_window_ms / 1e3)
                 self._engines[key] = (engine, scheduler)
             return self._engines[key]

@@ -15,7 +15,8 @@ Rules (written down because correctness depends on them):
    the window; adapter-less requests, e.g. scoring, wait as before), up to `max_batch_rows` rows,
    `max_batch_tokens` tokens (a request that alone fills a batch runs alone: co-batching it would
    cost more than it saves) and `max_batch_adapters` adapters (what the device holds at once);
-   everything else runs alone.
+   everything else runs alone. When more adapters wait than a batch holds, those already on the
+   device (`resident`) join first, so that fewer page in and out; the oldest request always runs.
 3. Sampling goes to the engine's decode loop (`background`), which the worker steps between
    training batches: one chunk of decoding, then one batch, and so on. Snapshots are immutable, so
    sampling never waits for training and training waits at most one chunk for sampling.
@@ -82,12 +83,15 @@ class Scheduler:
 
     def __init__(self, *, max_batch_rows: int = 64, max_batch_tokens: int | None = None,
                  max_batch_adapters: int | None = None, batch_window_s: float = 0.0, name: str = "engine",
-                 background: Background | None = None):
+                 background: Background | None = None, resident: Callable[[str], bool] | None = None):
+        """`resident(adapter_id)`: whether the adapter is on the device now (asked on the worker thread, which
+        owns residency); batches fill with such adapters first."""
         self.max_batch_rows = max_batch_rows
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_adapters = max_batch_adapters
         self.batch_window_s = batch_window_s
         self._background = background
+        self._resident = resident
         self._pending: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -206,7 +210,7 @@ class Scheduler:
         if head.batch_key is not None:
             adapters = {head.adapter_id}
             rows, tokens = head.rows, head.tokens
-            for r in pending[head_index + 1:]:
+            for r in self._fill_order(pending[head_index + 1:]):
                 fits = rows + r.rows <= self.max_batch_rows and (
                     self.max_batch_tokens is None or tokens + r.tokens <= self.max_batch_tokens) and (
                     self.max_batch_adapters is None or r.adapter_id in adapters
@@ -219,9 +223,22 @@ class Scheduler:
                     tokens += r.tokens
                 elif r.adapter_id is not None:
                     blocked.add(r.adapter_id)
+            order = {id(r): i for i, r in enumerate(pending)}
+            batch.sort(key=lambda r: order[id(r)])  # the engine sees them in queue order
         for r in batch:
             self._pending.remove(r)
         return batch
+
+    def _fill_order(self, queued: list[_Request]) -> list[_Request]:
+        """The order in which queued requests are offered to a batch: requests of resident adapters first
+        (each adapter's requests keep their order, which is all that blocking by adapter relies on)."""
+        if self._resident is None or self.max_batch_adapters is None:
+            return queued
+        resident: dict[str | None, bool] = {}
+        for r in queued:
+            if r.adapter_id not in resident:
+                resident[r.adapter_id] = r.adapter_id is not None and self._resident(r.adapter_id)
+        return sorted(queued, key=lambda r: not resident[r.adapter_id])  # stable
 
     def _worth_a_burst_wait(self, head: _Request) -> bool:
         """Whether others could join `head`'s batch: it is batchable, leaves room in a batch, and an

@@ -154,6 +154,72 @@ def test_a_failed_page_in_leaves_every_adapter_paged_out_whole(base_model, monke
     assert_trees_equal(jax.device_get([pool.get(a).weights for a in ids[:2]]), before)
 
 
+def held_worker(scheduler: Scheduler) -> threading.Event:
+    """Blocks the scheduler's worker until the returned event is set, so that what is queued meanwhile
+    is batched as one queue."""
+    gate = threading.Event()
+    blocker = scheduler.call(lambda: gate.wait(30))
+    while not blocker.running():
+        time.sleep(0.001)
+    return gate
+
+
+def test_a_full_batch_fills_with_resident_adapters_first():
+    """When more adapters wait than a batch holds, those on the device join first; the oldest request
+    always runs, an adapter's requests keep their order, and a batch runs in queue order."""
+    batches: list[list[str]] = []
+    scheduler = Scheduler(max_batch_adapters=3, resident=lambda a: a in {"d", "e"})
+    try:
+        gate = held_worker(scheduler)
+        run = recording_batches(batches)
+        futures = [scheduler.submit(run, name, adapter_id=name[0], batch_key=("other",) if name == "d0" else ("k",))
+                   for name in ("a1", "d0", "b1", "c1", "d1", "e1")]
+        gate.set()
+        [f.result(10) for f in futures]
+        # a1 (oldest) with resident e1 and then b1; d1 waits behind d0 (another kind), then joins c1
+        assert batches == [["a1", "b1", "e1"], ["d0"], ["c1", "d1"]]
+    finally:
+        scheduler.shutdown()
+
+
+def test_rounds_beyond_the_device_slots_page_fewer_adapters(base_model):
+    """Four tenants' forward_backward + optim_step rounds on 2 device slots: preferring resident adapters
+    pages 3 adapters in per round instead of 4, with the same training."""
+    from framework.validation import datums_to_arrays
+
+    hp = AdamHyperparams.make(1e-2)
+    rng = np.random.default_rng(3)
+    arrays = [datums_to_arrays([datum(rng, 16)], "cross_entropy", None, vocab_size=VOCAB, max_seq_len=64)[0]
+              for _ in range(4)]
+    outcome = {}
+    for prefer in (True, False):
+        engine = Engine(base_model, EngineConfig(max_adapters=2, max_rank=8))
+        ids = [engine.create_adapter(rank=4, seed=i).adapter_id for i in range(4)]
+        scheduler = Scheduler(max_batch_adapters=2, resident=engine.adapters.is_resident if prefer else None)
+        try:
+            page_ins = []
+            for _ in range(3):
+                before = engine.adapters.page_ins
+                gate = held_worker(scheduler)
+                futures = []
+                for i, a in enumerate(ids):
+                    futures.append(scheduler.submit(lambda r, e=engine: e.forward(r, backward=True),
+                                                    ForwardRequest(a, arrays[i], "cross_entropy"), adapter_id=a,
+                                                    batch_key=("forward_backward", "cross_entropy")))
+                    futures.append(scheduler.submit(engine.optim_step, OptimRequest(a, hp), adapter_id=a,
+                                                    batch_key=("optim_step",)))
+                gate.set()
+                [f.result(60) for f in futures]
+                page_ins.append(engine.adapters.page_ins - before)
+            outcome[prefer] = (page_ins, scheduler.call(lambda e=engine, ids=ids: jax.device_get(
+                [e.adapter_weights(a) for a in ids])).result(60))
+        finally:
+            scheduler.shutdown()
+    assert outcome[True][0][1:] == [3, 3] and outcome[False][0][1:] == [4, 4]
+    for x, y in zip(jax.tree.leaves(outcome[True][1]), jax.tree.leaves(outcome[False][1]), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
 def test_sixteen_threads_train_and_sample_like_their_solo_runs(base_model, tmp_path):
     """16 threads, each with its own adapter, loop train + publish + sample at once: every future
     resolves (no deadlock) and each tenant's losses and greedy samples equal its solo run."""
@@ -272,8 +338,7 @@ def test_failures_reach_their_futures_and_the_worker_keeps_serving(base_model, t
             return real(requests, **kw)
 
         monkeypatch.setattr(engine, "forward", failing)
-        gate = threading.Event()
-        scheduler.call(lambda: gate.wait(30))
+        gate = held_worker(scheduler)
         f_bad, f_good = bad.forward(batch(0), "cross_entropy"), good.forward(batch(0), "cross_entropy")
         gate.set()
         with pytest.raises(RuntimeError, match="injected"):
@@ -862,8 +927,7 @@ def test_a_failed_batch_of_optim_steps_steps_no_adapter_twice(base_model, monkey
     monkeypatch.setattr(engine._steps, "optim", flaky)
     scheduler = Scheduler()
     try:
-        gate = threading.Event()
-        scheduler.call(lambda: gate.wait(30))
+        gate = held_worker(scheduler)
         hp = AdamHyperparams.make(1e-2)
         futures = [scheduler.submit(engine.optim_step, OptimRequest(i, hp), batch_key=("optim",)) for i in (a, b, a)]
         gate.set()
@@ -1065,10 +1129,7 @@ def test_a_priority_call_overtakes_other_adapters_but_never_its_own():
     order: list[str] = []
     scheduler = Scheduler()
     try:
-        gate = threading.Event()
-        blocker = scheduler.call(lambda: gate.wait(30))
-        while not blocker.running():
-            time.sleep(0.001)
+        gate = held_worker(scheduler)
         queued = [scheduler.call(lambda n=n: order.append(n), adapter_id=a)
                   for n, a in (("x1", "x"), ("y1", "y"), ("x2", "x"))]
         queued.append(scheduler.call(lambda: order.append("z-publish"), adapter_id="z", priority=True))

@@ -108,6 +108,11 @@ class AdapterPool:
             self._page_in(incoming)
         return adapters
 
+    def is_resident(self, adapter_id: str) -> bool:
+        """Whether the adapter is on the device now (False for an unknown one)."""
+        adapter = self._adapters.get(adapter_id)
+        return adapter is not None and adapter.resident
+
     @property
     def resident_count(self) -> int:
         # list() of a dict view runs in C under the GIL: safe while the worker adds or removes adapters
