@@ -61,8 +61,8 @@ for part in $PARTS; do
             --repeats "${REPEATS:-3}" ;;
         ragged) run_part ragged "${LIMIT_RAGGED:-60}" "$PY" -m bench.multi_tenant --skip small,large,capacity \
             --repeats "${REPEATS:-3}" ;;
-        capacity) run_part capacity "${LIMIT_CAPACITY:-100}" "$PY" -m bench.multi_tenant --skip small,large,ragged \
-            --repeats "${REPEATS:-3}" ;;
+        capacity) run_part capacity "${LIMIT_CAPACITY:-150}" "$PY" -m bench.multi_tenant --skip small,large,ragged \
+            --repeats "${REPEATS:-3}" --capacity-rounds "${CAPACITY_ROUNDS:-2}" --trace-steps "${TRACE_STEPS:-10}" ;;
         *) echo "unknown part $part (small rl large ragged capacity)" ;;
     esac
 done
