@@ -15,8 +15,10 @@ Rules (written down because correctness depends on them):
    the window; adapter-less requests, e.g. scoring, wait as before), up to `max_batch_rows` rows,
    `max_batch_tokens` tokens (a request that alone fills a batch runs alone: co-batching it would
    cost more than it saves) and `max_batch_adapters` adapters (what the device holds at once);
-   everything else runs alone. When more adapters wait than a batch holds, those already on the
-   device (`resident`) join first, so that fewer page in and out; the oldest request always runs.
+   everything else runs alone. A batch fills with requests of adapters already on the device
+   (`resident`) first, so that fewer page in and out when more adapters wait than a batch holds; the
+   oldest request always runs, and one passed over `MAX_PASSED_OVER` times counts as resident, so the
+   preference delays nobody by more than a few batches.
 3. Sampling goes to the engine's decode loop (`background`), which the worker steps between
    training batches: one chunk of decoding, then one batch, and so on. Snapshots are immutable, so
    sampling never waits for training and training waits at most one chunk for sampling.
@@ -47,6 +49,10 @@ ACTIVE_TENANT_S = 60.0
 """An adapter that submitted anything this recently counts as active: a burst is awaited only while an
 active adapter has nothing queued yet (it may be about to submit its part)."""
 
+MAX_PASSED_OVER = 2
+"""A request that later requests have joined batches ahead of this many times is offered to a batch as
+early as those of resident adapters (in queue order among them)."""
+
 BatchFn = Callable[[Sequence[Any]], Sequence[Any]]
 """Runs a batch of payloads on the engine and returns one result per payload."""
 
@@ -76,6 +82,7 @@ class _Request:
     tokens: int
     ready: Future | None = None  # runs only once this is done (e.g. a checkpoint read on the I/O pool)
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
+    passed_over: int = 0  # batches of its kind that later requests joined ahead of it
 
 
 class Scheduler:
@@ -225,20 +232,34 @@ class Scheduler:
                     blocked.add(r.adapter_id)
             order = {id(r): i for i, r in enumerate(pending)}
             batch.sort(key=lambda r: order[id(r)])  # the engine sees them in queue order
+            chosen = {id(r) for r in batch}
+            for r in pending[head_index + 1: order[id(batch[-1])]]:
+                if r.batch_key == head.batch_key and id(r) not in chosen:
+                    r.passed_over += 1
         for r in batch:
             self._pending.remove(r)
         return batch
 
     def _fill_order(self, queued: list[_Request]) -> list[_Request]:
-        """The order in which queued requests are offered to a batch: requests of resident adapters first
-        (each adapter's requests keep their order, which is all that blocking by adapter relies on)."""
+        """The order in which queued requests are offered to a batch: requests of resident adapters and
+        requests passed over `MAX_PASSED_OVER` times first. An adapter's requests keep their order (all
+        that blocking by adapter relies on): once one of them is offered early, so are the later ones."""
         if self._resident is None or self.max_batch_adapters is None:
             return queued
-        resident: dict[str | None, bool] = {}
+        early: dict[str | None, bool] = {}
         for r in queued:
-            if r.adapter_id not in resident:
-                resident[r.adapter_id] = r.adapter_id is not None and self._resident(r.adapter_id)
-        return sorted(queued, key=lambda r: not resident[r.adapter_id])  # stable
+            if not early.get(r.adapter_id, False):
+                early[r.adapter_id] = r.passed_over >= MAX_PASSED_OVER or self._is_resident(r.adapter_id)
+        return sorted(queued, key=lambda r: not early[r.adapter_id])  # stable
+
+    def _is_resident(self, adapter_id: str | None) -> bool:
+        if adapter_id is None or self._resident is None:
+            return False
+        try:
+            return self._resident(adapter_id)
+        except Exception:  # a preference only: never let it end the worker
+            logger.exception("resident(%r) failed", adapter_id)
+            return False
 
     def _worth_a_burst_wait(self, head: _Request) -> bool:
         """Whether others could join `head`'s batch: it is batchable, leaves room in a batch, and an

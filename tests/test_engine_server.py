@@ -182,6 +182,23 @@ def test_a_full_batch_fills_with_resident_adapters_first():
         scheduler.shutdown()
 
 
+def test_a_request_passed_over_twice_joins_as_early_as_resident_ones():
+    """Resident adapters never hold a request back for long: passed over twice, it counts as resident."""
+    batches: list[list[str]] = []
+    scheduler = Scheduler(max_batch_adapters=2, resident=lambda a: a in {"x", "y", "z"})
+    try:
+        gate = held_worker(scheduler)
+        run = recording_batches(batches)
+        futures = [scheduler.submit(run, name, adapter_id=name[0], batch_key=("k",))
+                   for name in ("a1", "b1", "c1", "d1", "x1", "y1", "z1")]
+        gate.set()
+        [f.result(10) for f in futures]
+        # x1 and y1 jump c1 and d1; then d1 (passed over twice) goes before the resident z1
+        assert batches == [["a1", "x1"], ["b1", "y1"], ["c1", "d1"], ["z1"]]
+    finally:
+        scheduler.shutdown()
+
+
 def test_rounds_beyond_the_device_slots_page_fewer_adapters(base_model):
     """Four tenants' forward_backward + optim_step rounds on 2 device slots: preferring resident adapters
     pages 3 adapters in per round instead of 4, with the same training."""
@@ -192,10 +209,16 @@ def test_rounds_beyond_the_device_slots_page_fewer_adapters(base_model):
     arrays = [datums_to_arrays([datum(rng, 16)], "cross_entropy", None, vocab_size=VOCAB, max_seq_len=64)[0]
               for _ in range(4)]
     outcome = {}
+    config = EngineConfig(max_adapters=2, max_rank=8)
     for prefer in (True, False):
-        engine = Engine(base_model, EngineConfig(max_adapters=2, max_rank=8))
-        ids = [engine.create_adapter(rank=4, seed=i).adapter_id for i in range(4)]
-        scheduler = Scheduler(max_batch_adapters=2, resident=engine.adapters.is_resident if prefer else None)
+        if prefer:  # the engine and scheduler a ServiceClient runs
+            service = ServiceClient(engine_config=config)
+            engine, scheduler = service._runtime.get(base_model)
+        else:
+            service, engine = None, Engine(base_model, config)
+            scheduler = Scheduler(max_batch_adapters=2)
+        ids = scheduler.call(lambda e=engine: [e.create_adapter(rank=4, seed=i).adapter_id for i in range(4)]
+                             ).result(60)
         try:
             page_ins = []
             for _ in range(3):
@@ -214,7 +237,10 @@ def test_rounds_beyond_the_device_slots_page_fewer_adapters(base_model):
             outcome[prefer] = (page_ins, scheduler.call(lambda e=engine, ids=ids: jax.device_get(
                 [e.adapter_weights(a) for a in ids])).result(60))
         finally:
-            scheduler.shutdown()
+            if service is not None:
+                service.close()
+            else:
+                scheduler.shutdown()
     assert outcome[True][0][1:] == [3, 3] and outcome[False][0][1:] == [4, 4]
     for x, y in zip(jax.tree.leaves(outcome[True][1]), jax.tree.leaves(outcome[False][1]), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
