@@ -532,6 +532,26 @@ def test_prompts_prefill_once_and_the_prefix_cache_equals_recomputing(base_model
     assert cached.metrics()["prefix_cache"]["hits"] >= 1
 
 
+def test_accelerator_floors_prefill_any_few_short_prompts_with_one_program(base_model):
+    """With the accelerator's floors, 1 to 16 short prompts admitted together prefill in one program
+    (prompts and capacity padded to powers of four), with the tokens of an engine without floors."""
+    from framework.engine.shapes import coarse_bucket
+
+    assert [coarse_bucket(n) for n in (1, 2, 4, 5, 16, 17, 100, 256, 300)] == [1, 4, 4, 16, 16, 64, 256, 256, 1024]
+    floored = Engine(base_model, EngineConfig(max_rank=8, min_decode_rows=8, min_prefill_tokens=128))
+    plain = Engine(base_model, EngineConfig(max_rank=8))
+    rng = np.random.default_rng(11)
+    for count in (1, 3, 9, 16):
+        jobs = [SampleJob(snapshot_id="base", prompt=rng.integers(3, VOCAB, 6 + k % 9).astype(np.int32),
+                          num_samples=1, max_tokens=3, temperature=1.0, top_p=1.0, top_k=-1, seed=k)
+                for k in range(count)]
+        got, expected = floored.sample(jobs), plain.sample(jobs)
+        for a, b in zip(got, expected, strict=True):
+            assert a.sequences[0].tokens == b.sequences[0].tokens
+            np.testing.assert_allclose(a.sequences[0].logprobs, b.sequences[0].logprobs, atol=2e-5)
+    assert floored.compile_counts["prefill"] == 1 and plain.compile_counts["prefill"] > 1
+
+
 def test_compute_logprobs_computes_only_what_the_prefix_cache_does_not_know(base_model):
     """compute_logprobs after sampling feeds the prompt but not the sampled tokens (their logprobs came
     with them); after that, the same sequence costs nothing and an extension only its new tokens. The

@@ -3,7 +3,8 @@ boundaries.
 
 The pool is `R` rows of capacity `C` (both powers of two, grown on demand and shrunk as rows finish;
 on an accelerator, where a few more rows cost nothing and each other size would be a program to
-compile, never under `min_decode_rows` and only once the rows in use fit in a quarter of it). Each
+compile, never under `min_decode_rows` and only once the rows in use fit in a quarter of it, and its
+capacity only to a quarter or less; prompts prefill there in batches padded to powers of four). Each
 engine call (`step`) first admits waiting requests, then decodes every active row `decode_chunk`
 steps in one compiled loop:
 
@@ -49,7 +50,7 @@ from framework.engine.placement import Placement
 from framework.engine.pool_rows import PoolRows, Running
 from framework.engine.prefix_cache import MIN_SHARED, PrefixCache, shared_prefix
 from framework.engine.requests import SampledRow, SampleJob, SampleResult, TopK
-from framework.engine.shapes import bucket
+from framework.engine.shapes import bucket, coarse_bucket
 from framework.engine.snapshots import NoFreeSlot, Snapshot, SnapshotRegistry
 from framework.sampling import sample_keys, truncate_at_stop_strings
 from lora import ONE_HOT_MAX_SLOTS
@@ -289,6 +290,12 @@ class DecodeLoop:
         # model's prefill compiles per (prompts, suffix, capacity) bucket whatever the pool's shape.
         temp_capacity = bucket(max(shared for _, _, shared in prompts) + suffix_len, self._min_capacity)
         p = bucket(len(prompts), min(self._min_prefill_tokens // suffix_len, self._pad_positions // temp_capacity))
+        if self._pad_for_programs:  # powers of four where the temporary stays small: fewer prefill programs
+            coarse_capacity, coarse_p = coarse_bucket(temp_capacity), coarse_bucket(p)
+            if coarse_p * coarse_capacity <= self._pad_positions and coarse_capacity <= self._capacity:
+                temp_capacity = coarse_capacity
+            if coarse_p * temp_capacity <= self._pad_positions:
+                p = coarse_p
         temp = self._placement.empty_cache(self._config, p, temp_capacity, self._dtype)
         tokens = np.zeros((p, suffix_len), np.int32)
         start, lengths, prompt_slots = np.zeros(p, np.int32), np.ones(p, np.int32), np.zeros(p, np.int32)
@@ -362,7 +369,7 @@ class DecodeLoop:
             return
         rows = (2 * want if lazy else want) if shrink else max(want, current)
         capacity = bucket(max(capacity_needed, held), self._min_capacity)
-        if not shrink:
+        if not shrink or (lazy and 4 * capacity > self._capacity):  # lazily, positions too shrink by 4x or not
             capacity = max(capacity, self._capacity)
         stop_width = max(stop_width, self._stop_width)
         if self._cache is None:

@@ -20,3 +20,10 @@ def length_bucket(n: int, minimum: int = 1) -> int:
     compiles; the three-quarter steps stay multiples of 128 (attention kernels' block)."""
     p = bucket(n, minimum)
     return p * 3 // 4 if p >= THREE_QUARTER_FROM and max(n, minimum) <= p * 3 // 4 else p
+
+
+def coarse_bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of four ≥ max(n, minimum): half as many sizes as `bucket`, for where a padded
+    position costs less than a compiled program (an accelerator's prefill)."""
+    p = bucket(n, minimum)
+    return p if p.bit_length() % 2 else 2 * p
