@@ -69,11 +69,12 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / min(timed(lambda: mm(a, b).block_until_ready()) for _ in range(repeats))
 
 
-def build_qwen3_checkpoint(directory: str, seed: int = 0) -> None:
-    """A random Qwen3 checkpoint of `QWEN3_BENCH_CONFIG`, written with transformers (torch, CPU)."""
+def build_qwen3_checkpoint(directory: str, seed: int = 0, config: dict | None = None) -> None:
+    """A random Qwen3 checkpoint of `config` (default `QWEN3_BENCH_CONFIG`), written with transformers
+    (torch, CPU)."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    config = transformers.Qwen3Config(**QWEN3_BENCH_CONFIG)
+    config = transformers.Qwen3Config(**(config or QWEN3_BENCH_CONFIG))
     transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
